@@ -1,0 +1,80 @@
+"""Orbax checkpoints of the train state and the grain data-iterator position.
+
+Precedence when a run starts: resume from `<workdir>/checkpoints` if it holds a
+step > else initialise from `config.init_from` (another run's params) > else fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class _IteratorSnapshot:
+    """The iterator state at save time, so async saving cannot see later positions.
+
+    grain's handler writes `get_state().decode()` for non-`DatasetIterator` items.
+    """
+
+    def __init__(self, iterator):
+        self._state = json.dumps(iterator.get_state(), indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+class Checkpointer:
+    """Keeps the last `keep` checkpoints of {state, data} in `<workdir>/checkpoints`."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, use_async: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=use_async)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator=None, force: bool = False) -> bool:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, abstract_state: Any, data_iterator=None, step: int | None = None) -> Any:
+        """Restores the state (with the shardings of `abstract_state`) and the iterator in place."""
+        step = self.latest_step() if step is None else step
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def load_params(workdir: str, step: int | None = None) -> Any:
+    """The `params` of another run's checkpoint, as host arrays (for `init_from`)."""
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"init_from={workdir!r} has no {CHECKPOINT_DIR}/ directory")
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"init_from={workdir!r} holds no finished checkpoint")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return jax.tree_util.tree_map(lambda x: x, restored["state"]["params"])

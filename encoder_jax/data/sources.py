@@ -1,0 +1,378 @@
+"""Random-access data sources, all read through TFDS without TensorFlow (ArrayRecord).
+
+Three kinds:
+  * a TFDS catalog dataset by name (`tfds.data_source`, prepared once, when online);
+  * the user's local files (txt / csv / tsv, optionally .gz) through `LocalFiles`,
+    a TFDS builder whose preparation is cached under the TFDS data dir;
+  * the built-in offline corpus (`python_docs`): English prose every Python
+    installation carries, the standard library's documentation, written to a
+    text file and then read through the same `LocalFiles` builder.
+
+Every source yields dicts of Python values: str for text fields, int for labels.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import os
+import pathlib
+import sysconfig
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+FILE_FORMATS = ("lines", "paragraphs", "wikiextractor", "csv", "tsv")
+BUILTIN_CORPORA = ("python_docs",)
+
+
+def default_data_dir() -> str:
+    """Where prepared datasets are cached: $ENCODER_JAX_DATA_DIR or ~/.cache/encoder_jax/tfds."""
+    return os.environ.get("ENCODER_JAX_DATA_DIR",
+                          os.path.join(os.path.expanduser("~"), ".cache", "encoder_jax", "tfds"))
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or field."""
+
+
+# ----------------------------------------------------------------------------- file readers
+
+
+def _open_text(path: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+
+
+def _checked_lines(path: str) -> Iterator[str]:
+    """Yields the lines of a (gzipped) UTF-8 file; names file and line on bad bytes."""
+    with _open_text(path) as f:
+        number = 0
+        try:
+            for number, line in enumerate(f, 1):
+                yield line
+        except UnicodeDecodeError as e:
+            raise DataError(f"data file {path!r} is not UTF-8 near line {number + 1}: {e.reason}") from None
+
+
+def read_documents(path: str, file_format: str) -> Iterator[str]:
+    """Documents of a plain-text file: one per line, per blank-line block, or per <doc>."""
+    if file_format == "lines":
+        for line in _checked_lines(path):
+            if line.strip():
+                yield line.strip()
+        return
+    block: list[str] = []
+    for line in _checked_lines(path):
+        stripped = line.strip()
+        if file_format == "wikiextractor":
+            if stripped.startswith("<doc"):
+                block = []
+            elif stripped.startswith("</doc>"):
+                if block:
+                    yield "\n".join(block)
+                block = []
+            elif stripped:
+                block.append(stripped)
+            continue
+        if stripped:
+            block.append(stripped)
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)
+
+
+def read_table(path: str, delimiter: str, columns: Mapping[str, str | int],
+               has_header: bool) -> Iterator[dict[str, str]]:
+    """Rows of a CSV/TSV as {field: cell}; `columns` maps output field -> header name or index."""
+    reader = csv.reader(_checked_lines(path), delimiter=delimiter,
+                        quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE)
+    header = None
+    if has_header:
+        header = next(reader, None)
+        if header is None:
+            return
+    index = {}
+    for field, column in columns.items():
+        if isinstance(column, int) or (isinstance(column, str) and column.isdigit()):
+            index[field] = int(column)
+        elif header is not None and column in header:
+            index[field] = header.index(column)
+        else:
+            raise DataError(f"data file {path!r} has no column {column!r} (for field {field!r}); "
+                            f"columns: {header if header else 'no header, use an integer index'}")
+    for line_number, row in enumerate(reader, 2 if has_header else 1):
+        if not row:
+            continue
+        width = max(index.values()) + 1
+        if len(row) < width:
+            raise DataError(f"data file {path!r} row {line_number} has {len(row)} columns, "
+                            f"needs {width}")
+        yield {field: row[i] for field, i in index.items()}
+
+
+# ----------------------------------------------------------------------------- TFDS builder
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalFilesSpec:
+    """What to read from local files; its hash names the cached TFDS preparation."""
+
+    splits: Mapping[str, Sequence[str]]  # split name -> file paths
+    file_format: str = "lines"  # one of FILE_FORMATS
+    columns: Mapping[str, str | int] = dataclasses.field(default_factory=lambda: {"text": 0})
+    int_fields: Sequence[str] = ()  # fields stored as int64 (e.g. "label")
+    has_header: bool = False
+
+    def fingerprint(self) -> str:
+        stats = {split: [(os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p)))
+                         for p in paths] for split, paths in self.splits.items()}
+        payload = json.dumps([stats, self.file_format, dict(self.columns), list(self.int_fields),
+                              self.has_header], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def validate_files(spec: LocalFilesSpec) -> None:
+    if spec.file_format not in FILE_FORMATS:
+        raise DataError(f"data.format={spec.file_format!r}; valid: {list(FILE_FORMATS)}")
+    for split, paths in spec.splits.items():
+        if not paths:
+            raise DataError(f"data.files.{split} is empty")
+        for path in paths:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"data.files.{split}: {path!r} does not exist")
+            if os.path.getsize(path) == 0:
+                raise DataError(f"data.files.{split}: {path!r} is empty")
+
+
+def _examples(spec: LocalFilesSpec, paths: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    count = 0
+    for file_index, path in enumerate(paths):
+        if spec.file_format in ("csv", "tsv"):
+            rows = read_table(path, "," if spec.file_format == "csv" else "\t", spec.columns,
+                              spec.has_header)
+        else:
+            rows = ({"text": doc} for doc in read_documents(path, spec.file_format))
+        for record_index, row in enumerate(rows):
+            example = {}
+            for field, value in row.items():
+                if field in spec.int_fields:
+                    try:
+                        example[field] = int(value)
+                    except ValueError:
+                        raise DataError(f"data file {path!r} record {record_index + 1}: field "
+                                        f"{field!r} is {value!r}, not an integer") from None
+                else:
+                    example[field] = value
+            count += 1
+            yield f"{file_index}:{record_index}", example
+    if count == 0:
+        raise DataError(f"data files {list(paths)} contain no records")
+
+
+def _local_files_builder_class():
+    import tensorflow_datasets as tfds
+
+    class LocalFiles(tfds.core.GeneratorBasedBuilder):
+        """Local txt/csv/tsv(.gz) files as a TFDS dataset (ArrayRecord)."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def __init__(self, *, spec: LocalFilesSpec, **kwargs):
+            self._spec = spec
+            config = tfds.core.BuilderConfig(name=f"files_{spec.fingerprint()}")
+            super().__init__(config=config, **kwargs)
+
+        def _info(self):
+            features = {field: (np.int64 if field in self._spec.int_fields else tfds.features.Text())
+                        for field in self._spec.columns}
+            return tfds.core.DatasetInfo(builder=self,
+                                         features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(paths)
+                    for split, paths in self._spec.splits.items()}
+
+        def _generate_examples(self, paths):
+            yield from _examples(self._spec, paths)
+
+    return LocalFiles
+
+
+class DecodedSource:
+    """A random-access source that turns TFDS bytes into str (grain `RandomAccessDataSource`)."""
+
+    def __init__(self, source, name: str):
+        self._source = source
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self._source[index]
+        return {k: (v.decode("utf-8") if isinstance(v, bytes) else
+                    (int(v) if np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.integer) else v))
+                for k, v in record.items()}
+
+    def __repr__(self) -> str:
+        return f"DecodedSource({self.name}, {len(self)} records)"
+
+
+def local_files_sources(spec: LocalFilesSpec, data_dir: str | None = None) -> dict[str, DecodedSource]:
+    """Prepares (once, cached by content fingerprint) and opens local files as sources."""
+    import tensorflow_datasets as tfds
+
+    validate_files(spec)
+    tfds.disable_progress_bar()
+    builder = _local_files_builder_class()(spec=spec, data_dir=data_dir or default_data_dir(),
+                                           file_format="array_record")
+    try:
+        builder.download_and_prepare()
+    except (DataError, FileNotFoundError):
+        raise
+    sources = builder.as_data_source()
+    return {split: DecodedSource(sources[split], f"{split}:{','.join(spec.splits[split])}")
+            for split in spec.splits}
+
+
+def catalog_sources(name: str, splits: Mapping[str, str], data_dir: str | None = None
+                    ) -> dict[str, DecodedSource]:
+    """A TFDS catalog dataset (e.g. 'wiki40b/en'); `splits` maps our split -> TFDS split."""
+    import tensorflow_datasets as tfds
+
+    try:
+        sources = {ours: tfds.data_source(name, split=theirs, data_dir=data_dir, download=True)
+                   for ours, theirs in splits.items()}
+    except Exception as e:  # registry lookups and downloads raise many types
+        raise DataError(f"data.name={name!r} could not be loaded through TFDS "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"built-in choices: {list(BUILTIN_CORPORA)}, or set data.files") from None
+    return {ours: DecodedSource(src, f"{name}:{splits[ours]}") for ours, src in sources.items()}
+
+
+# ----------------------------------------------------------------------------- built-in corpus
+
+
+def python_docs_documents(min_words: int = 20) -> list[str]:
+    """English prose from the running Python: its help topics and stdlib docstrings (sorted, deduped)."""
+    import pydoc_data.topics
+
+    docs = set(pydoc_data.topics.topics.values())
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter"}
+    for path in sorted(root.rglob("*.py")):
+        if skip.intersection(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    docs.add(doc)
+    # Paragraph breaks become single newlines: a document is one blank-line block.
+    cleaned = ("\n".join(line.strip() for line in doc.splitlines() if line.strip()) for doc in docs)
+    return sorted(d for d in cleaned if len(d.split()) >= min_words)
+
+
+def builtin_corpus_files(name: str, cache_dir: str, valid_fraction: float = 0.05) -> dict[str, str]:
+    """Writes the built-in corpus once as paragraph files; returns {split: path}."""
+    if name not in BUILTIN_CORPORA:
+        raise DataError(f"data.name={name!r}; built-in corpora: {list(BUILTIN_CORPORA)}")
+    docs = python_docs_documents()
+    digest = hashlib.sha256("\n\n".join(docs).encode()).hexdigest()[:12]
+    out_dir = os.path.join(cache_dir, f"{name}_{digest}")
+    paths = {split: os.path.join(out_dir, f"{split}.txt") for split in ("train", "validation")}
+    if all(os.path.isfile(p) for p in paths.values()):
+        return paths
+    os.makedirs(out_dir, exist_ok=True)
+    bucket = lambda d: int(hashlib.sha256(d.encode()).hexdigest(), 16) % 10_000
+    held_out = [d for d in docs if bucket(d) < valid_fraction * 10_000]
+    train = [d for d in docs if bucket(d) >= valid_fraction * 10_000]
+    for split, split_docs in (("train", train), ("validation", held_out)):
+        tmp = paths[split] + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n\n".join(split_docs) + "\n")
+        os.replace(tmp, paths[split])
+    return paths
+
+
+# ----------------------------------------------------------------------------- from config
+
+
+def expand_files(spec: str | None, field: str) -> list[str]:
+    """'a.txt,b/*.gz' -> sorted existing paths; a pattern matching nothing is an error."""
+    import glob
+
+    if not spec:
+        return []
+    paths: list[str] = []
+    for part in (p.strip() for p in str(spec).split(",")):
+        if not part:
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(part)))
+        if not matches:
+            raise FileNotFoundError(f"{field}: {part!r} does not exist")
+        paths.extend(matches)
+    return paths
+
+
+def infer_format(paths: Sequence[str]) -> str:
+    """csv / tsv by extension; wikiextractor if the text starts with <doc; else lines."""
+    name = paths[0][:-3] if paths[0].endswith(".gz") else paths[0]
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith(".tsv"):
+        return "tsv"
+    with _open_text(paths[0]) as f:
+        try:
+            head = f.read(4096)
+        except UnicodeDecodeError as e:
+            raise DataError(f"data file {paths[0]!r} is not UTF-8: {e.reason}") from None
+    return "wikiextractor" if head.lstrip().startswith("<doc") else "lines"
+
+
+def open_text_sources(data_cfg, cache_dir: str | None = None) -> dict[str, DecodedSource]:
+    """{'train', 'validation'} sources of {'text': str} records as chosen by `config.data`.
+
+    `data.files.train` set -> local files; else `data.name` is a built-in corpus or
+    a TFDS catalog name.
+    """
+    data_dir = data_cfg.get("data_dir") or default_data_dir()
+    files = data_cfg.get("files") or {}
+    train_files = expand_files(files.get("train"), "data.files.train")
+    if train_files:
+        splits = {"train": train_files}
+        valid_files = expand_files(files.get("validation"), "data.files.validation")
+        if not valid_files:
+            raise DataError("data.files.validation is not set: give a held-out file for evaluation")
+        splits["validation"] = valid_files
+    elif data_cfg.name in BUILTIN_CORPORA:
+        paths = builtin_corpus_files(data_cfg.name, os.path.join(data_dir, "builtin"))
+        splits = {split: [path] for split, path in paths.items()}
+    elif data_cfg.name:
+        return catalog_sources(data_cfg.name, {"train": data_cfg.get("train_split", "train"),
+                                               "validation": data_cfg.get("eval_split", "validation")},
+                               data_dir)
+    else:
+        raise DataError(f"set data.files.train or data.name (built-in: {list(BUILTIN_CORPORA)}, "
+                        f"or a TFDS catalog name)")
+    file_format = data_cfg.get("format") or "auto"
+    if file_format == "auto":
+        file_format = infer_format(splits["train"])
+    columns = {"text": data_cfg.get("text_column", 0) if file_format in ("csv", "tsv") else 0}
+    spec = LocalFilesSpec(splits=splits, file_format=file_format, columns=columns,
+                          has_header=bool(data_cfg.get("has_header", False)))
+    return local_files_sources(spec, data_dir)

@@ -1,0 +1,233 @@
+"""Tokenizers behind one interface: sentencepiece (trained here or loaded) and others.
+
+Every tokenizer exposes the BERT special tokens `[PAD] [UNK] [CLS] [SEP] [MASK]`,
+`encode(text) -> ids` and `encode_words(text) -> (ids, word_starts)`; the
+latter marks the first sub-token of every word for whole-word masking. Words
+are whitespace-delimited for alphabetic text and come from jieba for Chinese.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import shutil
+from typing import Callable, Iterable, Iterator, Protocol
+
+import numpy as np
+
+log = logging.getLogger("encoder_jax")
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+WORD_SEGMENTERS = ("whitespace", "jieba", "auto")
+MODEL_TYPES = ("unigram", "bpe")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+class Tokenizer(Protocol):
+    """What tasks and pipelines need from a tokenizer."""
+
+    vocab_size: int
+    pad_id: int
+    unk_id: int
+    cls_id: int
+    sep_id: int
+    mask_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_words(self, text: str) -> tuple[list[int], list[bool]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def save(self, directory: str) -> str: ...
+
+
+def special_ids(tokenizer: Tokenizer) -> np.ndarray:
+    """The ids that masking must never choose or produce."""
+    return np.array([tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id,
+                     tokenizer.sep_id, tokenizer.mask_id], np.int32)
+
+
+def jieba_word_starts(text: str) -> list[int]:
+    """Character offsets where jieba starts a word."""
+    import jieba  # imported lazily: it loads its dictionary on first use
+
+    jieba.setLogLevel(logging.WARNING)
+    starts, offset = [], 0
+    for word in jieba.cut(text):
+        if not word.isspace():
+            starts.append(offset)
+        offset += len(word)
+    return starts
+
+
+def whitespace_word_starts(text: str) -> list[int]:
+    """Character offsets where a whitespace-delimited word starts."""
+    return [m.start() for m in re.finditer(r"\S+", text)]
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model whose ids 0..4 are `[PAD] [UNK] [CLS] [SEP] [MASK]`."""
+
+    FILENAME = "tokenizer.model"
+
+    def __init__(self, model_proto: bytes, word_segmenter: str = "auto"):
+        import sentencepiece as spm
+
+        if word_segmenter not in WORD_SEGMENTERS:
+            raise ValueError(f"tokenizer.word_segmenter={word_segmenter!r}; valid: {list(WORD_SEGMENTERS)}")
+        self._proto = model_proto
+        self.word_segmenter = word_segmenter
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        ids = {piece: self._sp.piece_to_id(piece) for piece in SPECIAL_TOKENS}
+        missing = [p for p, i in ids.items() if i == self._sp.unk_id() and p != "[UNK]"]
+        if missing:
+            raise ValueError(f"sentencepiece model lacks special tokens {missing}; "
+                             f"train it with encoder_jax or add them as control symbols")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            ids[p] for p in SPECIAL_TOKENS)
+        self.vocab_size = self._sp.get_piece_size()
+
+    # Pickling for multi-process input pipelines: rebuild from the model bytes.
+    def __getstate__(self):
+        return {"model_proto": self._proto, "word_segmenter": self.word_segmenter}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_proto"], state["word_segmenter"])
+
+    @classmethod
+    def load(cls, path: str, word_segmenter: str = "auto") -> "SentencePieceTokenizer":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer.model_file={path!r} does not exist")
+        with open(path, "rb") as f:
+            return cls(f.read(), word_segmenter)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], *, vocab_size: int, model_type: str = "unigram",
+              character_coverage: float = 0.9995, max_sentences: int = 2_000_000,
+              word_segmenter: str = "auto", seed_sentencepiece_size: int = 1_000_000,
+              ) -> "SentencePieceTokenizer":
+        """Trains on an iterable of documents (split into lines, empties skipped)."""
+        import sentencepiece as spm
+
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"tokenizer.model_type={model_type!r}; valid: {list(MODEL_TYPES)}")
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_lines(texts, max_sentences), model_writer=model,
+            vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
+            pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=-1, eos_id=-1,
+            control_symbols=list(SPECIAL_TOKENS[2:]), max_sentence_length=1 << 16,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            seed_sentencepiece_size=seed_sentencepiece_size, hard_vocab_limit=False,
+            num_threads=os.cpu_count() or 1, minloglevel=2)
+        return cls(model.getvalue(), word_segmenter)
+
+    def save(self, directory: str) -> str:
+        """Writes `tokenizer.model` into `directory`; returns its path."""
+        path = os.path.join(directory, self.FILENAME)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(self._proto)
+        shutil.move(tmp, path)
+        return path
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    def encode_words(self, text: str) -> tuple[list[int], list[bool]]:
+        """Token ids and, per token, whether it begins a word."""
+        pieces = self._sp.encode(text, return_type="proto").pieces
+        ids = [p.id for p in pieces]
+        segmenter = self.word_segmenter
+        if segmenter == "auto":
+            segmenter = "jieba" if _CJK.search(text) else "whitespace"
+        if segmenter == "whitespace":
+            return ids, [p.piece.startswith("\u2581") or i == 0 for i, p in enumerate(pieces)]
+        byte_starts = _char_to_byte_offsets(text, jieba_word_starts(text))
+        return ids, _tokens_starting_words([(p.begin, p.end) for p in pieces], byte_starts)
+
+
+def _training_lines(texts: Iterable[str], limit: int) -> Iterator[str]:
+    count = 0
+    for text in texts:
+        for line in text.split("\n"):
+            line = line.strip()
+            if line:
+                yield line
+                count += 1
+                if count >= limit:
+                    return
+
+
+def _char_to_byte_offsets(text: str, char_offsets: list[int]) -> list[int]:
+    byte_offsets, position, chars = [], 0, 0
+    wanted = iter(sorted(char_offsets))
+    target = next(wanted, None)
+    for ch in text:
+        while target is not None and target == chars:
+            byte_offsets.append(position)
+            target = next(wanted, None)
+        position += len(ch.encode("utf-8"))
+        chars += 1
+    return byte_offsets
+
+
+def _tokens_starting_words(spans: list[tuple[int, int]], word_starts: list[int]) -> list[bool]:
+    """A token begins a word when it is the first to cover a word start (byte offsets)."""
+    pending = sorted(word_starts)
+    flags, k = [], 0
+    for i, (begin, end) in enumerate(spans):
+        hit = False
+        while k < len(pending) and pending[k] < max(end, begin + 1):
+            hit = hit or pending[k] >= begin
+            k += 1
+        flags.append(hit or i == 0)
+    return flags
+
+
+def get_tokenizer(tok_cfg, *, workdir: str | None, cache_dir: str, corpus_id: str,
+                  texts: Callable[[], Iterable[str]]) -> SentencePieceTokenizer:
+    """The run's tokenizer: the workdir's copy (resume) > `tokenizer.model_file` > trained.
+
+    A trained model is cached under `cache_dir` by corpus and options, so it is
+    trained once per corpus; the chosen model is copied into the workdir.
+    """
+    import hashlib
+    import json
+
+    segmenter = tok_cfg.get("word_segmenter", "auto")
+    in_workdir = os.path.join(workdir, SentencePieceTokenizer.FILENAME) if workdir else None
+    if in_workdir and os.path.isfile(in_workdir):
+        return SentencePieceTokenizer.load(in_workdir, segmenter)
+    if tok_cfg.get("model_file"):
+        tokenizer = SentencePieceTokenizer.load(tok_cfg.model_file, segmenter)
+    else:
+        options = {k: tok_cfg.get(k) for k in ("model_type", "vocab_size", "character_coverage",
+                                               "max_sentences")}
+        key = hashlib.sha256(json.dumps([corpus_id, options], sort_keys=True).encode()).hexdigest()[:16]
+        cached = os.path.join(cache_dir, "tokenizers", f"spm_{key}.model")
+        if os.path.isfile(cached):
+            tokenizer = SentencePieceTokenizer.load(cached, segmenter)
+        else:
+            log.info("training a %s sentencepiece model (vocab %d) on %s", options["model_type"],
+                         options["vocab_size"], corpus_id)
+            tokenizer = SentencePieceTokenizer.train(
+                texts(), vocab_size=options["vocab_size"], model_type=options["model_type"],
+                character_coverage=options["character_coverage"],
+                max_sentences=options["max_sentences"], word_segmenter=segmenter)
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            tmp_dir = os.path.dirname(cached)
+            path = tokenizer.save(tmp_dir)
+            os.replace(path, cached)
+    if workdir:
+        tokenizer.save(workdir)
+    return tokenizer

@@ -1,0 +1,118 @@
+"""Optimizers, schedules, weight-decay masks and parameter freezing from config."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import optax
+from flax import traverse_util
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad",
+              "adafactor", "lamb", "lion")
+SCHEDULES = ("constant", "linear", "cosine", "rsqrt")
+
+
+def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int,
+                           decay: str = "linear", end_fraction: float = 0.0) -> optax.Schedule:
+    """Linear warmup to `peak`, then constant / linear / cosine / inverse-sqrt decay."""
+    if decay not in SCHEDULES:
+        raise ValueError(f"opt.schedule={decay!r}; valid: {list(SCHEDULES)}")
+    warmup_steps = max(0, min(warmup_steps, total_steps))
+    decay_steps = max(1, total_steps - warmup_steps)
+    if decay == "constant":
+        after = optax.constant_schedule(peak)
+    elif decay == "linear":
+        after = optax.linear_schedule(peak, peak * end_fraction, decay_steps)
+    elif decay == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end_fraction)
+    else:
+        after = lambda step: peak * jax.numpy.sqrt(max(warmup_steps, 1) / jax.numpy.maximum(
+            step + max(warmup_steps, 1), 1.0))
+    if warmup_steps == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), after],
+                                [warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+    """True for weights that get weight decay: not biases, not LayerNorm scales/offsets."""
+    flat = traverse_util.flatten_dict(params)
+    mask = {path: not (path[-1] in ("bias", "scale") or path[-1].endswith("_bias")
+                       or any("norm" in part for part in path[:-1]))
+            for path in flat}
+    return traverse_util.unflatten_dict(mask)
+
+
+def _base_optimizer(name: str, learning_rate, cfg) -> optax.GradientTransformation:
+    wd = cfg.get("weight_decay", 0.0)
+    b1, b2, eps = cfg.get("b1", 0.9), cfg.get("b2", 0.999), cfg.get("eps", 1e-6)
+    if name == "sgd":
+        return optax.sgd(learning_rate)
+    if name in ("momentum", "nesterov"):
+        return optax.sgd(learning_rate, momentum=cfg.get("momentum", 0.9), nesterov=name == "nesterov")
+    if name == "adam":
+        return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+    if name == "adamw":
+        return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)
+    if name == "rmsprop":
+        return optax.rmsprop(learning_rate, decay=cfg.get("rms_decay", 0.9), eps=eps,
+                             momentum=cfg.get("momentum", 0.0) or None)
+    if name == "adagrad":
+        return optax.adagrad(learning_rate, eps=eps)
+    if name == "adafactor":
+        return optax.adafactor(learning_rate, weight_decay_rate=wd or None, weight_decay_mask=decay_mask)
+    if name == "lamb":
+        return optax.lamb(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)
+    if name == "lion":
+        return optax.lion(learning_rate, b1=b1, b2=cfg.get("b2", 0.99), weight_decay=wd, mask=decay_mask)
+    raise ValueError(f"opt.name={name!r}; valid: {list(OPTIMIZERS)}")
+
+
+def trainable_mask(params: Any, rule: str) -> Any:
+    """Which parameters train: 'all' | 'head' | 'top:K' (top K blocks + head) | 're:<regex>'.
+
+    'head' means everything outside the `encoder` subtree.
+    """
+    flat = traverse_util.flatten_dict(params)
+    paths = {path: "/".join(path) for path in flat}
+    if rule == "all":
+        mask = {path: True for path in flat}
+    elif rule == "head":
+        mask = {path: path[0] != "encoder" for path in flat}
+    elif rule.startswith("top:"):
+        k = int(rule[4:])
+        blocks = sorted({int(m.group(1)) for p in paths.values() for m in [re.search(r"block_(\d+)", p)] if m})
+        top = set(blocks[-k:]) if k > 0 else set()
+        mask = {}
+        for path, name in paths.items():
+            m = re.search(r"block_(\d+)", name)
+            in_encoder = path[0] == "encoder"
+            mask[path] = (not in_encoder) or (m is not None and int(m.group(1)) in top) or (
+                "pooler" in name or "final_norm" in name)
+    elif rule.startswith("re:"):
+        pattern = re.compile(rule[3:])
+        mask = {path: bool(pattern.search(name)) for path, name in paths.items()}
+    else:
+        raise ValueError(f"finetune.trainable={rule!r}; valid: 'all', 'head', 'top:K', 're:<regex>'")
+    if not any(mask.values()):
+        raise ValueError(f"finetune.trainable={rule!r} selects no parameters")
+    return traverse_util.unflatten_dict(mask)
+
+
+def build_optimizer(cfg, total_steps: int, trainable: Callable[[Any], Any] | None = None
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Clipping + optimizer + schedule; frozen parameters get `set_to_zero` and no state."""
+    schedule = learning_rate_schedule(cfg.learning_rate, total_steps, cfg.warmup_steps,
+                                      cfg.schedule, cfg.get("end_lr_fraction", 0.0))
+    parts = []
+    if cfg.get("grad_clip_norm"):
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+    parts.append(_base_optimizer(cfg.name, schedule, cfg))
+    tx = optax.chain(*parts)
+    if trainable is not None:
+        labels = lambda params: jax.tree_util.tree_map(
+            lambda t: "train" if t else "freeze", trainable(params))
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return tx, schedule

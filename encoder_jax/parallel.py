@@ -1,0 +1,77 @@
+"""Device mesh and shardings: batch over ('data', 'fsdp'); parameters optionally FSDP-sharded."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger("encoder_jax")
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def maybe_initialize_distributed() -> None:
+    """Calls `jax.distributed.initialize()` when launched as one process of many.
+
+    Cluster launchers (SLURM, Open MPI, TPU pods, Kubernetes JobSet) are detected
+    by JAX itself; JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+    set the coordinator by hand.
+    """
+    import os
+
+    markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+               "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+    if any(os.environ.get(m) for m in markers):
+        try:
+            jax.distributed.initialize()
+        except RuntimeError as e:  # already initialised, e.g. in notebooks
+            log.warning("jax.distributed.initialize skipped: %s", e)
+
+
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+    """A 2-D mesh ('data', 'fsdp'); fsdp=-1 puts every device on the fsdp axis."""
+    devices = jax.devices() if devices is None else devices
+    count = len(devices)
+    fsdp = count if fsdp == -1 else fsdp
+    if fsdp < 1 or count % fsdp:
+        raise ValueError(f"mesh.fsdp={fsdp} must divide the device count {count} (or be -1)")
+    grid = np.asarray(devices).reshape(count // fsdp, fsdp)
+    return Mesh(grid, BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
+    """Shards the largest dimension divisible by the fsdp axis; small arrays stay replicated."""
+    if fsdp_size == 1 or math.prod(shape) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = 2 ** 14) -> Any:
+    """NamedShardings for every leaf of a state pytree (params and optimizer state alike)."""
+    fsdp_size = mesh.shape["fsdp"]
+    return jax.tree_util.tree_map(
+        lambda leaf: NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp_size, min_size)),
+        abstract_state)
+
+
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global array sharded over the batch axes (multi-host safe)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

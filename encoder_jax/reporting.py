@@ -1,0 +1,147 @@
+"""Run outputs: metrics.jsonl, TensorBoard events, console progress, PNG curves.
+
+`python -m encoder_jax.reporting WORKDIR` redraws the plots of any run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricWriter:
+    """Appends {step, split, **scalars} lines to metrics.jsonl and mirrors them to TensorBoard."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+
+    def write(self, step: int, split: str, scalars: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items() if _is_number(v)}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": int(step), "split": split, **clean}) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+class Progress:
+    """A one-line console bar: step, loss, tokens/s, ETA (tqdm when on a terminal)."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True):
+        self.enabled = enabled
+        self.total, self.start = total, start
+        self._bar = None
+        self._t0 = time.perf_counter()
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=start, dynamic_ncols=True, file=sys.stderr,
+                             mininterval=1.0, disable=not sys.stderr.isatty())
+
+    def update(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        text = " ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
+        if self._bar is not None and not self._bar.disable:
+            self._bar.n = step
+            self._bar.set_postfix_str(text, refresh=True)
+        else:
+            done = step - self.start
+            elapsed = time.perf_counter() - self._t0
+            eta = elapsed / max(done, 1) * (self.total - step)
+            print(f"step {step}/{self.total} {text} eta={eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int) or (abs(v) >= 100 and float(v).is_integer()):
+        return f"{int(v)}"
+    return f"{v:.4g}"
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist: is {workdir!r} a run's workdir?")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str) -> list[str]:
+    """Writes plots/<metric>.png for every metric in metrics.jsonl; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    series: dict[str, dict[str, tuple[list, list]]] = {}
+    for r in records:
+        for k, v in r.items():
+            if k in ("step", "split"):
+                continue
+            xs, ys = series.setdefault(k, {}).setdefault(r["split"], ([], []))
+            xs.append(r["step"])
+            ys.append(v)
+    out_dir = os.path.join(workdir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for metric, by_split in sorted(series.items()):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for split, (xs, ys) in sorted(by_split.items()):
+            ax.plot(xs, ys, label=split, marker="." if len(xs) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{metric.replace('/', '_')}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m encoder_jax.reporting WORKDIR", file=sys.stderr)
+        return 2
+    try:
+        for path in plot_curves(argv[1]):
+            print(path)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

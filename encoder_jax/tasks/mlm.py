@@ -1,0 +1,234 @@
+"""Masked-language-model objective: dynamic (whole-word) masking, sparse head, loss and metrics.
+
+Masking runs inside the jitted step from the step's PRNG key, so a resumed run
+replays exactly the masks of the run it continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingConfig:
+    """BERT masking: choose `rate` of the tokens; of those 80% [MASK], 10% random, 10% kept."""
+
+    mask_id: int
+    special_ids: tuple[int, ...]
+    vocab_size: int
+    rate: float = 0.15
+    max_predictions: int = 20  # P: prediction slots per row (static shape of the sparse head)
+    whole_word: bool = False
+    mask_fraction: float = 0.8
+    random_fraction: float = 0.1
+
+    def __post_init__(self):
+        if not 0.0 < self.rate < 1.0:
+            raise ValueError(f"mlm.rate={self.rate} must be in (0, 1)")
+        if self.mask_fraction + self.random_fraction > 1.0:
+            raise ValueError("mlm.mask_fraction + mlm.random_fraction must be <= 1")
+
+
+def choose_positions(key: jax.Array, ids_BxL: jax.Array, segment_ids_BxL: jax.Array,
+                     word_starts_BxL: jax.Array, cfg: MaskingConfig
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Picks round(rate * eligible) tokens per row (at most P), as whole words if asked.
+
+    Words are taken in random order while they fit the row's budget, so all
+    sub-tokens of a chosen word are masked together.
+
+    Returns:
+      positions (B, P) int32, sorted within the row, and weights (B, P) float32
+      (1 for a real prediction, 0 for an unused slot).
+    """
+    batch, length = ids_BxL.shape
+    eligible_BxL = (segment_ids_BxL > 0) & ~jnp.isin(ids_BxL, jnp.asarray(cfg.special_ids))
+    count_B = eligible_BxL.sum(-1)
+    budget_B = jnp.minimum(cfg.max_predictions,
+                           jnp.where(count_B > 0, jnp.maximum(1, jnp.round(cfg.rate * count_B)), 0))
+    if cfg.whole_word:
+        new_segment = jnp.concatenate(
+            [jnp.ones((batch, 1), bool), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
+        starts_BxL = word_starts_BxL | new_segment | ~eligible_BxL
+    else:
+        starts_BxL = jnp.ones_like(eligible_BxL)
+    word_BxL = jnp.cumsum(starts_BxL, axis=1) - 1  # word index of every token
+    word_score_BxL = jax.random.uniform(key, (batch, length))
+    score_BxL = jnp.where(eligible_BxL, jnp.take_along_axis(word_score_BxL, word_BxL, axis=1), 2.0)
+    order_BxL = jnp.argsort(score_BxL, axis=1, stable=True)  # a word's tokens stay adjacent
+    rank_BxL = jnp.argsort(order_BxL, axis=1)
+
+    def per_row(word_L, rank_L, eligible_L):
+        first_rank = jnp.full((length,), length, rank_L.dtype).at[word_L].min(rank_L)
+        size = jnp.zeros((length,), jnp.int32).at[word_L].add(eligible_L.astype(jnp.int32))
+        return first_rank[word_L] + size[word_L] - 1  # rank of the word's last token
+
+    word_end_rank_BxL = jax.vmap(per_row)(word_BxL, rank_BxL, eligible_BxL)
+    chosen_BxL = eligible_BxL & (word_end_rank_BxL < budget_B[:, None])
+    # The P chosen positions of lowest index (unused slots point at unchosen tokens).
+    key_BxL = jnp.where(chosen_BxL, length - jnp.arange(length), 0)
+    top_BxP, positions_BxP = jax.lax.top_k(key_BxL, cfg.max_predictions)
+    weights_BxP = (top_BxP > 0).astype(jnp.float32)
+    return positions_BxP.astype(jnp.int32), weights_BxP
+
+
+def corrupt(key: jax.Array, ids_BxL: jax.Array, positions_BxP: jax.Array,
+            weights_BxP: jax.Array, cfg: MaskingConfig) -> tuple[jax.Array, jax.Array]:
+    """Applies 80/10/10 to the chosen positions; returns (corrupted ids, targets (B, P))."""
+    targets_BxP = jnp.take_along_axis(ids_BxL, positions_BxP, axis=1)
+    kind_key, token_key = jax.random.split(key)
+    u_BxP = jax.random.uniform(kind_key, positions_BxP.shape)
+    regular = np.setdiff1d(np.arange(cfg.vocab_size), np.asarray(cfg.special_ids)).astype(np.int32)
+    random_BxP = jnp.asarray(regular)[jax.random.randint(token_key, positions_BxP.shape, 0, len(regular))]
+    new_BxP = jnp.where(u_BxP < cfg.mask_fraction, cfg.mask_id,
+                        jnp.where(u_BxP < cfg.mask_fraction + cfg.random_fraction, random_BxP, targets_BxP))
+    new_BxP = jnp.where(weights_BxP > 0, new_BxP, targets_BxP)
+    rows_Bx1 = jnp.arange(ids_BxL.shape[0])[:, None]
+    # Unused slots write back the original token, so duplicates there are harmless.
+    corrupted_BxL = ids_BxL.at[rows_Bx1, positions_BxP].set(new_BxP.astype(ids_BxL.dtype))
+    return corrupted_BxL, targets_BxP
+
+
+def mask_batch(key: jax.Array, batch: dict[str, jax.Array], cfg: MaskingConfig) -> dict[str, jax.Array]:
+    """Adds `masked_ids`, `masked_positions`, `targets`, `target_weights` to a packed batch."""
+    choose_key, corrupt_key = jax.random.split(key)
+    positions, weights = choose_positions(choose_key, batch["ids"], batch["segment_ids"],
+                                          batch["word_starts"], cfg)
+    masked_ids, targets = corrupt(corrupt_key, batch["ids"], positions, weights, cfg)
+    return {**batch, "masked_ids": masked_ids, "masked_positions": positions,
+            "targets": targets, "target_weights": weights}
+
+
+def mlm_loss_and_metrics(logits_BxPxV: jax.Array, targets_BxP: jax.Array, weights_BxP: jax.Array
+                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy over real predictions, and metric sums with their denominator."""
+    logits_BxPxV = logits_BxPxV.astype(jnp.float32)
+    xent_BxP = optax.softmax_cross_entropy_with_integer_labels(logits_BxPxV, targets_BxP)
+    denominator = weights_BxP.sum()
+    loss_sum = (xent_BxP * weights_BxP).sum()
+    correct = ((logits_BxPxV.argmax(-1) == targets_BxP) * weights_BxP).sum()
+    loss = loss_sum / jnp.maximum(denominator, 1.0)
+    return loss, {"loss": loss_sum, "accuracy": correct, "denominator": denominator}
+
+
+def summarize(sums: dict[str, Any]) -> dict[str, float]:
+    """Sums -> means; adds perplexity."""
+    denominator = max(float(sums["denominator"]), 1.0)
+    out = {k: float(v) / denominator for k, v in sums.items() if k != "denominator"}
+    if "loss" in out:
+        out["perplexity"] = float(np.exp(min(out["loss"], 50.0)))
+    return out
+
+
+# ----------------------------------------------------------------------------- task
+
+
+def encoder_config(model_cfg, vocab_size: int):
+    """EncoderConfig from `config.model` (dtype names resolved, vocab from the tokenizer)."""
+    from encoder_jax.layers import EncoderConfig
+
+    fields = {f.name for f in dataclasses.fields(EncoderConfig)}
+    values = {k: v for k, v in model_cfg.to_dict().items() if k in fields}
+    values["vocab_size"] = vocab_size
+    for name in ("dtype", "param_dtype"):
+        try:
+            values[name] = jnp.dtype(values.get(name, "float32"))
+        except TypeError:
+            raise ValueError(f"model.{name}={values[name]!r}; valid: float32, bfloat16, float16") from None
+    return EncoderConfig(**values)
+
+
+def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 1):
+    """The MLM task: data, tokenizer, model and loss from `config`."""
+    from encoder_jax.data import pipeline, sources, tokenizer as tokenizer_lib
+    from encoder_jax.models import BertForMaskedLM
+    from encoder_jax.tasks.base import Task
+
+    data_cfg = config.data
+    cache_dir = data_cfg.get("data_dir") or sources.default_data_dir()
+    splits = sources.open_text_sources(data_cfg, cache_dir)
+    train_source = splits["train"]
+    text_field = data_cfg.get("text_field", "text")
+
+    def texts():
+        for i in range(len(train_source)):
+            yield train_source[i][text_field]
+
+    tokenizer = tokenizer_lib.get_tokenizer(
+        config.tokenizer, workdir=workdir, cache_dir=cache_dir,
+        corpus_id=repr(train_source), texts=texts)
+    model_cfg = encoder_config(config.model, tokenizer.vocab_size)
+    mlm_cfg = config.mlm
+    seq_len = data_cfg.seq_len
+    if seq_len > model_cfg.max_len:
+        raise ValueError(f"data.seq_len={seq_len} exceeds model.max_len={model_cfg.max_len}")
+    max_predictions = mlm_cfg.get("max_predictions") or int(np.ceil(mlm_cfg.rate * seq_len)) + 1
+    masking = MaskingConfig(
+        mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+        special_ids=tuple(int(i) for i in tokenizer_lib.special_ids(tokenizer)),
+        rate=mlm_cfg.rate, max_predictions=max_predictions, whole_word=mlm_cfg.whole_word,
+        mask_fraction=mlm_cfg.mask_fraction, random_fraction=mlm_cfg.random_fraction)
+    model = BertForMaskedLM(model_cfg)
+
+    global_batch = data_cfg.batch_size
+    if global_batch % shard_count:
+        raise ValueError(f"data.batch_size={global_batch} must divide by the process count {shard_count}")
+    host_batch = global_batch // shard_count
+    train_data = pipeline.mlm_train_dataset(
+        train_source, tokenizer, seq_len=seq_len, batch_size=host_batch, seed=config.seed,
+        text_field=text_field, shard_index=shard_index, shard_count=shard_count,
+        workers=data_cfg.get("workers", 0), prefetch=data_cfg.get("prefetch", 2))
+    example_batch = {"ids": np.zeros((host_batch, seq_len), np.int32),
+                     "segment_ids": np.ones((host_batch, seq_len), np.int32),
+                     "positions": np.zeros((host_batch, seq_len), np.int32),
+                     "word_starts": np.zeros((host_batch, seq_len), bool)}
+
+    def init_params(rng):
+        ids = jnp.zeros((1, seq_len), jnp.int32)
+        return model.init(rng, ids, jnp.zeros((1, max_predictions), jnp.int32))["params"]
+
+    def loss_fn(params, batch, rng, train):
+        mask_rng, dropout_rng = jax.random.split(rng)
+        batch = mask_batch(mask_rng, batch, masking)
+        logits = model.apply({"params": params}, batch["masked_ids"], batch["masked_positions"],
+                             segment_ids=batch["segment_ids"], positions=batch["positions"],
+                             deterministic=not train, rngs={"dropout": dropout_rng})
+        loss, sums = mlm_loss_and_metrics(logits, batch["targets"], batch["target_weights"])
+        if not train:
+            # Histogram of targets: the held-out unigram baseline (best constant predictor).
+            sums["target_counts"] = jnp.zeros(tokenizer.vocab_size, jnp.float32).at[
+                batch["targets"].reshape(-1)].add(batch["target_weights"].reshape(-1))
+        return loss, sums
+
+    eval_cfg = config.eval
+    eval_batch = eval_cfg.get("batch_size") or global_batch
+    if eval_batch % shard_count:
+        raise ValueError(f"eval.batch_size={eval_batch} must divide by the process count {shard_count}")
+
+    def eval_batches():
+        return pipeline.mlm_eval_batches(
+            splits["validation"], tokenizer, seq_len=seq_len, batch_size=eval_batch // shard_count,
+            text_field=text_field, shard_index=shard_index, shard_count=shard_count,
+            max_batches=eval_cfg.get("max_batches"))
+
+    def summarize_with_baseline(sums):
+        counts = sums.pop("target_counts", None)
+        out = summarize(sums)
+        if counts is not None and counts.sum() > 0:
+            p = counts / counts.sum()
+            nz = p[p > 0]
+            out["unigram_loss"] = float(-(nz * np.log(nz)).sum())
+            out["unigram_accuracy"] = float(p.max())
+        return out
+
+    return Task(
+        name="mlm", init_params=init_params, loss_fn=loss_fn, train_data=train_data,
+        example_batch=example_batch, summarize=summarize_with_baseline,
+        eval_batches=eval_batches, tokens_in_batch=lambda b: int((b["segment_ids"] > 0).sum()),
+        artifacts=(tokenizer_lib.SentencePieceTokenizer.FILENAME,))

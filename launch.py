@@ -1,0 +1,58 @@
+"""Runs an experiment config: python launch.py --config experiments/bert_mlm.py --workdir runs/mlm
+
+Modes: train (default; resumes from --workdir), plot (redraw a workdir's curves).
+Errors in configs or data print one line naming the field or file (set
+ENCODER_JAX_TRACEBACK=1 for the full traceback).
+"""
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, plots)")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "plot"], "what to do")
+flags.mark_flags_as_required(["config", "workdir"])
+
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError,
+               FloatingPointError, NotADirectoryError)
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from encoder_jax import parallel, reporting, train
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # silences orbax's per-save chatter
+    logging.getLogger("encoder_jax").setLevel(logging.INFO)
+    parallel.maybe_initialize_distributed()
+    if _MODE.value == "plot":
+        for path in reporting.plot_curves(_WORKDIR.value):
+            print(path)
+        return
+    logging.getLogger("encoder_jax").info("JAX %s on %d %s device(s), process %d of %d", jax.__version__,
+                 jax.device_count(), jax.devices()[0].platform, jax.process_index(),
+                 jax.process_count())
+    result = train.run(_CONFIG.value, _WORKDIR.value)
+    print("final eval:", {k: round(v, 4) for k, v in result.items()})
+
+
+def run_main():
+    try:
+        app.run(main)
+    except USER_ERRORS as e:
+        if os.environ.get("ENCODER_JAX_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_main()
