@@ -129,7 +129,7 @@ class BertForMaskedLM(nn.Module):
         """Head on given hidden states: dense -> activation -> LayerNorm -> tied logits."""
         h_BxPxD = ACTIVATIONS[self.config.activation](self.transform(h_BxPxD))
         h_BxPxD = self.transform_norm(h_BxPxD)
-        return self.encoder.attend(h_BxPxD) + self.output_bias.astype(jnp.float32)
+        return self.encoder.attend(h_BxPxD) + self.output_bias.astype(jnp.float32)[None, None, :]
 
 
 class BertForClassification(nn.Module):

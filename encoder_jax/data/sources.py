@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -53,13 +54,14 @@ def _open_text(path: str):
 
 def _checked_lines(path: str) -> Iterator[str]:
     """Yields the lines of a (gzipped) UTF-8 file; names file and line on bad bytes."""
-    with _open_text(path) as f:
-        number = 0
-        try:
-            for number, line in enumerate(f, 1):
-                yield line
-        except UnicodeDecodeError as e:
-            raise DataError(f"data file {path!r} is not UTF-8 near line {number + 1}: {e.reason}") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"data file {path!r} is not UTF-8 at line {number}: {e.reason}") from None
 
 
 def read_documents(path: str, file_format: str) -> Iterator[str]:
@@ -179,6 +181,7 @@ def _examples(spec: LocalFilesSpec, paths: Sequence[str]) -> Iterator[tuple[str,
         raise DataError(f"data files {list(paths)} contain no records")
 
 
+@functools.cache  # TFDS registers builder classes by name: define it once per process
 def _local_files_builder_class():
     import tensorflow_datasets as tfds
 
@@ -370,7 +373,9 @@ def open_text_sources(data_cfg, cache_dir: str | None = None) -> dict[str, Decod
         raise DataError(f"set data.files.train or data.name (built-in: {list(BUILTIN_CORPORA)}, "
                         f"or a TFDS catalog name)")
     file_format = data_cfg.get("format") or "auto"
-    if file_format == "auto":
+    if not train_files:  # the built-in corpus is written as blank-line separated documents
+        file_format = "paragraphs"
+    elif file_format == "auto":
         file_format = infer_format(splits["train"])
     columns = {"text": data_cfg.get("text_column", 0) if file_format in ("csv", "tsv") else 0}
     spec = LocalFilesSpec(splits=splits, file_format=file_format, columns=columns,

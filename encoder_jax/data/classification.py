@@ -1,0 +1,444 @@
+"""Text-classification data: sources, label spaces, [CLS] a [SEP] (b [SEP]) encoding, batches.
+
+Every split is read as records `{"text_0": str, ["text_1": str, ...], "label": str | int}`:
+local csv/tsv(.gz) files go through the local-files TFDS builder of `sources`
+(columns chosen by header name or 0-based index), a TFDS catalog dataset (e.g.
+`ag_news_subset`) through `catalog_sources` with its fields renamed.
+
+Batches hold, for B rows padded to one of a few lengths L (`pad_lengths`):
+  ids          int32   (B, L)  [CLS] a [SEP] (b [SEP]), 0 = padding
+  type_ids     int32   (B, L)  0 for [CLS] a [SEP], 1 for b [SEP] (sentence pairs)
+  segment_ids  int32   (B, L)  1 for real tokens, 0 for padding
+  label        int32   (B,)    class index
+  weight       float32 (B,)    1 for a real row, 0 for a padding row (last eval batch)
+  index        int32   (B,)    position of the example in its split (eval), or in the stream (train)
+
+Training batches are length-grouped: a window of `group` global batches is
+sorted by length and cut into batches whose order is then shuffled, so rows in a
+batch have similar lengths and little padding. The window is a grain FlatMap,
+so the iterator state (and a resumed run) stays exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from encoder_jax.data import sources
+from encoder_jax.data.sources import DataError
+from encoder_jax.data.tokenizer import Tokenizer
+
+log = logging.getLogger("encoder_jax")
+
+LABEL_FORMATS = ("auto", "index", "name")
+TEXT_MODES = ("join", "pair")
+LABELS_FILE = "labels.json"
+BATCH_KEYS = ("ids", "type_ids", "segment_ids", "label", "weight", "index")
+
+
+def split_fields(value: Any, field: str) -> list[str]:
+    """'title,description' (or a tuple) -> ['title', 'description']; empty is an error."""
+    parts = [str(p).strip() for p in (value.split(",") if isinstance(value, str) else value or ())]
+    parts = [p for p in parts if p]
+    if not parts:
+        raise DataError(f"{field} is empty: name at least one column (header name or 0-based index)")
+    return parts
+
+
+def text_keys(count: int) -> list[str]:
+    return [f"text_{i}" for i in range(count)]
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class FieldSource:
+    """A random-access source whose records are renamed to text_0.., label (and checked)."""
+
+    def __init__(self, source, text_fields: Sequence[str], label_field: str | None):
+        self._source = source
+        self.name = getattr(source, "name", repr(source))
+        self._fields = {key: f for key, f in zip(text_keys(len(text_fields)), text_fields)}
+        if label_field is not None:
+            self._fields["label"] = label_field
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self._source[index]
+        try:
+            return {key: record[f] for key, f in self._fields.items()}
+        except KeyError as e:
+            raise DataError(f"{self.name}: records have no field {e.args[0]!r}; "
+                            f"fields: {sorted(record)}") from None
+
+    def __repr__(self) -> str:
+        return f"FieldSource({self.name}, {dict(self._fields)})"
+
+
+class SubsetSource:
+    """The records of `source` at `indices` (a fold, a subset), random access."""
+
+    def __init__(self, source, indices: Sequence[int], name: str):
+        self._source = source
+        self._indices = np.asarray(indices, np.int64)
+        self.name = f"{getattr(source, 'name', source)}[{name}]"
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._source[int(self._indices[index])]
+
+    def __repr__(self) -> str:
+        return f"SubsetSource({self.name}, {len(self)} records)"
+
+
+def open_splits(data_cfg, data_dir: str) -> dict[str, Any]:
+    """{'train', 'validation'} sources of text_i/label records chosen by `config.data`."""
+    text_fields = split_fields(data_cfg.text_fields, "data.text_fields")
+    label_field = str(data_cfg.label_field)
+    files = data_cfg.get("files") or {}
+    train_files = sources.expand_files(files.get("train"), "data.files.train")
+    if not train_files:
+        if not data_cfg.get("name"):
+            raise DataError("set data.files.train (csv/tsv, .gz ok) or data.name (a TFDS catalog "
+                            "name such as ag_news_subset)")
+        raw = sources.catalog_sources(data_cfg.name, {"train": data_cfg.train_split,
+                                                      "validation": data_cfg.eval_split}, data_dir)
+        return {split: FieldSource(src, text_fields, label_field) for split, src in raw.items()}
+    valid_files = sources.expand_files(files.get("validation"), "data.files.validation")
+    if not valid_files:
+        raise DataError("data.files.validation is not set: give a held-out file for evaluation "
+                        "(or use --mode cv)")
+    file_format = data_cfg.get("format") or "auto"
+    if file_format == "auto":
+        file_format = sources.infer_format(train_files)
+    if file_format not in ("csv", "tsv"):
+        raise DataError(f"data.format={file_format!r}; classification reads csv or tsv "
+                        f"(set data.format for other extensions, e.g. .txt)")
+    columns = dict(zip(text_keys(len(text_fields)), text_fields), label=label_field)
+    spec = sources.LocalFilesSpec(splits={"train": train_files, "validation": valid_files},
+                                  file_format=file_format, columns=columns,
+                                  has_header=bool(data_cfg.get("has_header", False)))
+    return sources.local_files_sources(spec, data_dir)
+
+
+def catalog_label_names(source) -> list[str] | None:
+    """Class names a TFDS catalog source declares for its `label` feature, if any."""
+    inner = getattr(getattr(source, "_source", None), "_source", None)
+    info = getattr(inner, "dataset_info", None)
+    try:
+        return list(info.features["label"].names)
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpace:
+    """Class names and how raw labels map to them: 'index' (int - base) or 'name'."""
+
+    names: tuple[str, ...]
+    kind: str = "index"
+    base: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def encode(self, value: Any, where: str) -> int:
+        """Raw label -> class index; unknown names and out-of-range ints raise DataError."""
+        if self.kind == "name":
+            text = str(value).strip()
+            if text not in self._lookup:
+                raise DataError(f"{where}: unknown label name {text!r}; valid: {list(self.names)}")
+            return self._lookup[text]
+        try:
+            index = int(str(value).strip()) - self.base
+        except ValueError:
+            raise DataError(f"{where}: label {value!r} is not an integer "
+                            f"(set data.label_format=name for label names)") from None
+        if not 0 <= index < len(self.names):
+            raise DataError(f"{where}: label {value!r} is out of range; valid: "
+                            f"{self.base}..{self.base + len(self.names) - 1} (data.label_base={self.base})")
+        return index
+
+    @property
+    def _lookup(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"names": list(self.names), "kind": self.kind, "base": self.base}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "LabelSpace":
+        return cls(tuple(data["names"]), data["kind"], int(data["base"]))
+
+
+def read_class_names(path: str) -> list[str]:
+    """One class name per line (blank lines skipped); duplicates are an error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.classes_file={path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names or len(set(names)) != len(names):
+        raise DataError(f"data.classes_file={path!r} must list distinct class names, one a line")
+    return names
+
+
+def _is_int(value: Any) -> bool:
+    try:
+        int(str(value).strip())
+        return True
+    except ValueError:
+        return False
+
+
+def infer_label_space(data_cfg, raw_labels: Sequence[Any], declared: list[str] | None = None
+                      ) -> LabelSpace:
+    """Label space from config + the training labels: class file > declared names > the data."""
+    label_format = data_cfg.get("label_format", "auto")
+    if label_format not in LABEL_FORMATS:
+        raise DataError(f"data.label_format={label_format!r}; valid: {list(LABEL_FORMATS)}")
+    names = read_class_names(data_cfg.classes_file) if data_cfg.get("classes_file") else declared
+    if label_format == "auto":
+        label_format = "index" if all(_is_int(v) for v in raw_labels) else "name"
+    if label_format == "name":
+        if names is None:
+            names = sorted({str(v).strip() for v in raw_labels})
+        return LabelSpace(tuple(names), "name", 0)
+    base = int(data_cfg.get("label_base", 0))
+    if names is None:
+        count = data_cfg.get("num_classes") or (max(int(str(v)) for v in raw_labels) - base + 1)
+        names = [str(base + i) for i in range(int(count))]
+    return LabelSpace(tuple(names), "index", base)
+
+
+def read_raw_labels(source, num_texts: int, allow_empty: bool) -> list[Any]:
+    """One pass over a split: its raw labels, after checking that no text field is empty."""
+    if len(source) == 0:
+        raise DataError(f"{source.name} holds no records")
+    raw = []
+    for i in range(len(source)):
+        record = source[i]
+        if not allow_empty:
+            for key in text_keys(num_texts):
+                if not str(record[key]).strip():
+                    raise DataError(f"{source.name} record {i + 1}: text field {key} is empty "
+                                    f"(set data.allow_empty_text=True to keep such rows)")
+        raw.append(record["label"])
+    return raw
+
+
+def encode_labels(labels: "LabelSpace", raw: Sequence[Any], name: str) -> np.ndarray:
+    """Raw labels -> class ids (N,) int32; the first bad one raises, naming its record."""
+    return np.asarray([labels.encode(v, f"{name} record {i + 1}") for i, v in enumerate(raw)],
+                      np.int32)
+
+
+def record_label_space(space: LabelSpace, workdir: str | None) -> None:
+    """Writes labels.json into the workdir; a resumed run's recorded classes must agree."""
+    if not workdir:
+        return
+    path = os.path.join(workdir, LABELS_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            recorded = LabelSpace.from_json(json.load(f))
+        if recorded != space:
+            raise DataError(f"{path} records classes {list(recorded.names)} but the data gives "
+                            f"{list(space.names)}: use a fresh --workdir for different labels")
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(space.to_json(), f, indent=2, ensure_ascii=False)
+
+
+def load_label_space(workdir: str) -> LabelSpace:
+    """The classes a classification run recorded in its workdir."""
+    path = os.path.join(workdir, LABELS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist: is {workdir!r} a classification run?")
+    with open(path, encoding="utf-8") as f:
+        return LabelSpace.from_json(json.load(f))
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodingConfig:
+    """How records become token rows."""
+
+    max_len: int  # tokens per row incl. [CLS]/[SEP], the longest padded length
+    pad_lengths: tuple[int, ...]  # allowed padded lengths (ascending, last = max_len)
+    text_mode: str = "join"  # "join": one text; "pair": text_0 is A, the rest joined is B
+    num_texts: int = 1
+    join_separator: str = " "
+
+    def __post_init__(self):
+        if self.text_mode not in TEXT_MODES:
+            raise DataError(f"data.text_mode={self.text_mode!r}; valid: {list(TEXT_MODES)}")
+        if self.text_mode == "pair" and self.num_texts < 2:
+            raise DataError("data.text_mode='pair' needs two or more data.text_fields")
+        if self.max_len < 4:
+            raise DataError(f"data.max_len={self.max_len} must be >= 4")
+
+
+def make_pad_lengths(requested: Sequence[int] | None, max_len: int) -> tuple[int, ...]:
+    """Sorted allowed lengths <= max_len, always ending at max_len."""
+    lengths = sorted({int(n) for n in (requested or ()) if 0 < int(n) < max_len} | {max_len})
+    return tuple(lengths)
+
+
+def truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Longest-first truncation of two token lists to a total of `budget`."""
+    a, b = list(a), list(b)
+    while len(a) + len(b) > budget:
+        if len(a) >= len(b):
+            a.pop()
+        else:
+            b.pop()
+    return a, b
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], cfg: EncodingConfig
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """texts -> (ids (T,), type_ids (T,)) as [CLS] a [SEP] (b [SEP]), T <= max_len."""
+    if cfg.text_mode == "join":
+        a = tokenizer.encode(cfg.join_separator.join(t.strip() for t in texts if t.strip()))
+        a = a[: cfg.max_len - 2]
+        ids = [tokenizer.cls_id, *a, tokenizer.sep_id]
+        return np.asarray(ids, np.int32), np.zeros(len(ids), np.int32)
+    a = tokenizer.encode(texts[0].strip())
+    b = tokenizer.encode(cfg.join_separator.join(t.strip() for t in texts[1:] if t.strip()))
+    a, b = truncate_pair(a, b, cfg.max_len - 3)
+    ids = [tokenizer.cls_id, *a, tokenizer.sep_id, *b, tokenizer.sep_id]
+    types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    return np.asarray(ids, np.int32), np.asarray(types, np.int32)
+
+
+class EncodeRecord(grain.transforms.MapWithIndex):
+    """(index, record) -> {"ids", "type_ids" (T,), "label", "index"} (label -1 if absent)."""
+
+    def __init__(self, tokenizer: Tokenizer, labels: LabelSpace | None, cfg: EncodingConfig,
+                 name: str = "data"):
+        self.tokenizer, self.labels, self.cfg, self.name = tokenizer, labels, cfg, name
+
+    def map_with_index(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
+        ids, types = encode_texts(self.tokenizer, [str(record[k]) for k in text_keys(self.cfg.num_texts)],
+                                  self.cfg)
+        label = -1
+        if self.labels is not None and "label" in record:
+            label = self.labels.encode(record["label"], f"{self.name} record {index + 1}")
+        return {"ids": ids, "type_ids": types, "label": label, "index": index}
+
+
+def pad_examples(examples: Sequence[dict[str, Any]], rows: int, pad_lengths: Sequence[int]
+                 ) -> dict[str, np.ndarray]:
+    """Stacks examples into a batch of `rows` rows padded to the smallest fitting length."""
+    longest = max((len(e["ids"]) for e in examples), default=0)
+    length = next((n for n in pad_lengths if n >= longest), None)
+    if length is None:
+        raise DataError(f"an encoded row has {longest} tokens, more than data.max_len={pad_lengths[-1]}")
+    batch = {"ids": np.zeros((rows, length), np.int32), "type_ids": np.zeros((rows, length), np.int32),
+             "segment_ids": np.zeros((rows, length), np.int32), "label": np.zeros(rows, np.int32),
+             "weight": np.zeros(rows, np.float32), "index": np.full(rows, -1, np.int32)}
+    for row, e in enumerate(examples):
+        n = len(e["ids"])
+        batch["ids"][row, :n] = e["ids"]
+        batch["type_ids"][row, :n] = e["type_ids"]
+        batch["segment_ids"][row, :n] = 1
+        batch["label"][row] = max(int(e["label"]), 0)
+        batch["weight"][row] = 1.0
+        batch["index"][row] = e["index"]
+    return batch
+
+
+class LengthGroupedBatches(grain.experimental.FlatMapTransform):
+    """A window of `group` global batches -> this host's rows of each, length-sorted, shuffled.
+
+    Deterministic in the window's content, so grain's FlatMap iterator resumes exactly.
+    """
+
+    def __init__(self, global_batch: int, group: int, pad_lengths: Sequence[int], seed: int,
+                 shard_index: int = 0, shard_count: int = 1):
+        self.max_fan_out = group
+        self.global_batch, self.group = global_batch, group
+        self.pad_lengths, self.seed = tuple(pad_lengths), seed
+        self.rows = global_batch // shard_count
+        self.shard_index = shard_index
+
+    def flat_map(self, window: Sequence[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
+        order = sorted(range(len(window)), key=lambda i: (len(window[i]["ids"]), window[i]["index"]))
+        chunks = [order[k:k + self.global_batch] for k in range(0, len(order), self.global_batch)]
+        chunks = [c for c in chunks if len(c) == self.global_batch]
+        first = min(int(e["index"]) for e in window)
+        np.random.default_rng([self.seed, first]).shuffle(chunks)
+        lo = self.shard_index * self.rows
+        return [self._host_rows(window, chunk, lo) for chunk in chunks]
+
+    def _host_rows(self, window, chunk, lo):
+        # Every host pads to the global batch's length, so the global array has one shape.
+        global_len = max(len(window[i]["ids"]) for i in chunk)
+        lengths = [n for n in self.pad_lengths if n >= global_len] or [self.pad_lengths[-1]]
+        return pad_examples([window[i] for i in chunk[lo:lo + self.rows]], self.rows, lengths)
+
+
+def train_dataset(source, tokenizer: Tokenizer, labels: LabelSpace, cfg: EncodingConfig, *,
+                  global_batch: int, seed: int, group: int = 8, shard_index: int = 0,
+                  shard_count: int = 1, workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
+    """Infinite, per-epoch reshuffled, length-grouped stream of this host's batches.
+
+    Every host reads the same global stream and keeps its rows, so all hosts agree
+    on each batch's padded length. Its iterator state is checkpointable.
+    """
+    if global_batch % shard_count:
+        raise DataError(f"data.batch_size={global_batch} must divide by the process count {shard_count}")
+    dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    dataset = dataset.map_with_index(EncodeRecord(tokenizer, labels, cfg, getattr(source, "name", "train")))
+    dataset = dataset.to_iter_dataset().batch(global_batch * max(1, group), batch_fn=list)
+    dataset = grain.experimental.FlatMapIterDataset(dataset, LengthGroupedBatches(
+        global_batch, max(1, group), cfg.pad_lengths, seed, shard_index, shard_count))
+    if workers > 0:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=workers, per_worker_buffer_size=prefetch))
+    return dataset
+
+
+def encode_split(source, tokenizer: Tokenizer, labels: LabelSpace | None, cfg: EncodingConfig
+                 ) -> list[dict[str, Any]]:
+    """Every record of a (held-out) split, encoded, in source order."""
+    encode = EncodeRecord(tokenizer, labels, cfg, getattr(source, "name", "data"))
+    return [encode.map_with_index(i, source[i]) for i in range(len(source))]
+
+
+def eval_batches(examples: Sequence[dict[str, Any]], *, global_batch: int,
+                 pad_lengths: Sequence[int], shard_index: int = 0, shard_count: int = 1
+                 ) -> Iterator[dict[str, np.ndarray]]:
+    """One pass, length-sorted; the last batch is padded with weight-0 rows, never dropped."""
+    if global_batch % shard_count:
+        raise DataError(f"eval.batch_size={global_batch} must divide by the process count {shard_count}")
+    rows = global_batch // shard_count
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i]["ids"]), i))
+    for start in range(0, len(order), global_batch):
+        chunk = [examples[i] for i in order[start:start + global_batch]]
+        global_len = max(len(e["ids"]) for e in chunk)
+        lengths = [n for n in pad_lengths if n >= global_len] or [pad_lengths[-1]]
+        # A host whose share of the last batch is empty yields padding rows only.
+        yield pad_examples(chunk[shard_index * rows:(shard_index + 1) * rows], rows, lengths)
+
+
+def example_batch(rows: int, length: int) -> dict[str, np.ndarray]:
+    """A zero batch with the train keys, shapes and dtypes (for compiling)."""
+    return {"ids": np.zeros((rows, length), np.int32), "type_ids": np.zeros((rows, length), np.int32),
+            "segment_ids": np.ones((rows, length), np.int32), "label": np.zeros(rows, np.int32),
+            "weight": np.ones(rows, np.float32), "index": np.zeros(rows, np.int32)}

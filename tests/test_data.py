@@ -1,0 +1,128 @@
+"""Local-file TFDS builder, readers, tokenizer, packing pipeline and its resumable iterator."""
+
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+
+from encoder_jax.data import pipeline, sources
+from encoder_jax.data.tokenizer import SentencePieceTokenizer
+
+from conftest import make_documents
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return SentencePieceTokenizer.train(make_documents(300), vocab_size=200)
+
+
+def test_tokenizer_special_ids_and_pickling(tokenizer):
+    assert (tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id, tokenizer.sep_id,
+            tokenizer.mask_id) == (0, 1, 2, 3, 4)
+    text = "The cat sees a green apple [MASK]"
+    assert 4 not in tokenizer.encode(text), "[MASK] in raw text must not become the mask id"
+    clone = pickle.loads(pickle.dumps(tokenizer))
+    assert clone.encode(text) == tokenizer.encode(text)
+    ids, starts = tokenizer.encode_words("the farmer paints")
+    pieces = [tokenizer.id_to_piece(i) for i in ids]
+    assert starts == [p.startswith("\u2581") for p in pieces] and starts[0]
+
+
+def test_readers_split_documents(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("one two\n\nthree\nfour\n\n\nfive\n", encoding="utf-8")
+    assert list(sources.read_documents(str(text), "lines")) == ["one two", "three", "four", "five"]
+    assert list(sources.read_documents(str(text), "paragraphs")) == ["one two", "three\nfour", "five"]
+    wiki = tmp_path / "w.txt.gz"
+    with gzip.open(wiki, "wt", encoding="utf-8") as f:
+        f.write('<doc id="1" title="A">\nA\n\nFirst para.\n</doc>\n<doc id="2">\nB\nSecond.\n</doc>\n')
+    assert list(sources.read_documents(str(wiki), "wikiextractor")) == ["A\nFirst para.", "B\nSecond."]
+    assert sources.infer_format([str(wiki)]) == "wikiextractor"
+    assert sources.infer_format([str(text)]) == "lines"
+
+
+def test_local_files_builder_prepares_once_and_decodes(tmp_path):
+    train = tmp_path / "train.tsv"
+    train.write_text("label\ttext\n1\thello world\n0\tsecond row\n", encoding="utf-8")
+    spec = sources.LocalFilesSpec(splits={"train": [str(train)]}, file_format="tsv",
+                                  columns={"text": "text", "label": "label"}, int_fields=("label",),
+                                  has_header=True)
+    cache = str(tmp_path / "cache")
+    split = sources.local_files_sources(spec, cache)["train"]
+    records = sorted((split[i]["text"], split[i]["label"]) for i in range(len(split)))
+    assert records == [("hello world", 1), ("second row", 0)]
+    again = sources.local_files_sources(spec, cache)["train"]
+    assert len(again) == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"good line\n\xff\xfe bad bytes\n", "is not UTF-8 at line 2"),
+])
+def test_bad_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    spec = sources.LocalFilesSpec(splits={"train": [str(path)]})
+    with pytest.raises(ValueError, match=message) as error:
+        sources.local_files_sources(spec, str(tmp_path / "cache"))
+    assert "bad.txt" in str(error.value)
+
+
+def test_missing_file_and_column_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.files.train: 'nope/.*' does not exist"):
+        sources.expand_files("nope/*.txt", "data.files.train")
+    path = tmp_path / "t.csv"
+    path.write_text("title,body\na,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no column 'text'.*columns: \\['title', 'body'\\]"):
+        list(sources.read_table(str(path), ",", {"text": "text"}, has_header=True))
+
+
+def _source(docs):
+    return [{"text": d} for d in docs]
+
+
+def test_packed_batches_pin_keys_shapes_and_dtypes(tokenizer):
+    data = pipeline.mlm_train_dataset(_source(make_documents(50)), tokenizer, seq_len=32,
+                                      batch_size=4, seed=0)
+    batch = next(iter(data))
+    assert {k: (v.shape, v.dtype.name) for k, v in batch.items()} == {
+        "ids": ((4, 32), "int32"), "segment_ids": ((4, 32), "int32"),
+        "positions": ((4, 32), "int32"), "word_starts": ((4, 32), "bool")}
+    assert (batch["segment_ids"] > 0).all(), "training rows are fully packed"
+    for row_segments, row_positions in zip(batch["segment_ids"], batch["positions"]):
+        starts = np.flatnonzero(np.diff(row_segments)) + 1
+        assert (row_positions[starts] == 0).all() and row_positions[0] == 0
+        assert (np.diff(row_positions)[np.diff(row_segments) == 0] == 1).all()
+
+
+def test_eval_pass_keeps_every_token_and_pads_the_last_batch(tokenizer):
+    docs = make_documents(23, seed=5)
+    expected_tokens = sum(len(tokenizer.encode(d)) + 2 for d in docs)
+    batches = list(pipeline.mlm_eval_batches(_source(docs), tokenizer, seq_len=32, batch_size=4))
+    assert all(b["ids"].shape == (4, 32) for b in batches)
+    real = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
+    assert real == expected_tokens
+    assert (batches[-1]["segment_ids"][-1] == 0).all() or real == len(batches) * 4 * 32
+
+
+def test_iterator_state_resumes_the_exact_position(tokenizer):
+    make = lambda: pipeline.mlm_train_dataset(_source(make_documents(30)), tokenizer, seq_len=16,
+                                              batch_size=2, seed=3)
+    first = iter(make())
+    for _ in range(7):
+        next(first)
+    state = first.get_state()
+    expected = [next(first)["ids"] for _ in range(3)]
+    second = iter(make())
+    second.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(second)["ids"], want)
+
+
+def test_epochs_are_reshuffled(tokenizer):
+    docs = [f"document number {i} words" for i in range(8)]
+    data = pipeline.mlm_train_dataset(_source(docs), tokenizer, seq_len=8, batch_size=1, seed=0)
+    it = iter(data)
+    rows = [next(it)["ids"][0] for _ in range(20)]
+    assert len({r.tobytes() for r in rows}) > 8
