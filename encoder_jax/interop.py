@@ -124,8 +124,13 @@ def runtime_config(config: EncoderConfig, model_cfg=None) -> EncoderConfig:
     values = {}
     for name in RUNTIME_FIELDS:
         if name in model_cfg:
-            value = model_cfg[name]
-            values[name] = jnp.dtype(value) if name.endswith("dtype") else value
+            values[name] = model_cfg[name]
+            if name.endswith("dtype"):
+                try:
+                    values[name] = jnp.dtype(values[name])
+                except TypeError:
+                    raise ValueError(f"model.{name}={values[name]!r}; valid: float32, bfloat16, "
+                                     f"float16") from None
     for name in ("hidden_dim", "num_layers", "num_heads", "mlp_dim", "max_len",
                  "type_vocab_size", "activation", "layer_norm_eps", "pre_norm"):
         if name in model_cfg and model_cfg[name] != getattr(config, name):
@@ -134,23 +139,23 @@ def runtime_config(config: EncoderConfig, model_cfg=None) -> EncoderConfig:
     return dataclasses.replace(config, **values)
 
 
-def load_config_for_init(directory: str, model_cfg=None) -> tuple[EncoderConfig, WordPieceTokenizer]:
+def load_config_for_init(directory: str, model_cfg=None, word_segmenter: str = "auto"
+                         ) -> tuple[EncoderConfig, WordPieceTokenizer]:
     """Model config and tokenizer of a Hugging Face directory, reading no weights (cheap)."""
     hf_config = hf_bert.read_config(directory)
     config = hf_bert.encoder_config(hf_config, os.path.join(directory, hf_bert.CONFIG_FILE))
-    return runtime_config(config, model_cfg), _require_tokenizer(directory)
+    return runtime_config(config, model_cfg), _require_tokenizer(directory, word_segmenter)
 
 
-def load_for_init(directory: str, model_cfg=None) -> InitSource:
+def load_for_init(directory: str, model_cfg=None, word_segmenter: str = "auto") -> InitSource:
     """(EncoderConfig, params, tokenizer, classifier or None) to initialise a task from.
 
     `model_cfg` (the experiment's `config.model`, optional) supplies the runtime
     fields (RUNTIME_FIELDS); the shape always comes from `config.json`.
     """
     bert = import_hf(directory)
-    tokenizer = bert.tokenizer or _require_tokenizer(directory)
-    return InitSource(runtime_config(bert.config, model_cfg), bert.params, tokenizer,
-                      bert.classifier)
+    return InitSource(runtime_config(bert.config, model_cfg), bert.params,
+                      _require_tokenizer(directory, word_segmenter), bert.classifier)
 
 
 def merge_params(fresh: Params, imported: Params, source: str = "init_from_hf") -> Params:
@@ -279,7 +284,7 @@ def write_import(bert: ImportedBert, out_dir: str) -> str:
     checkpointer = checkpoint.Checkpointer(out_dir, keep=1, use_async=False)
     checkpointer.save(0, {"step": np.zeros((), np.int32), "params": params}, force=True)
     checkpointer.close()
-    _write_json(os.path.join(out_dir, ENCODER_CONFIG_FILE), encoder_config_dict(bert.config))
+    save_encoder_config(out_dir, bert.config)
     if bert.tokenizer is not None:
         bert.tokenizer.save(out_dir)
     if bert.label_names is not None:
@@ -295,11 +300,18 @@ def encoder_config_dict(config: EncoderConfig) -> dict:
     return values
 
 
-def _require_tokenizer(directory: str) -> WordPieceTokenizer:
+def save_encoder_config(directory: str, config: EncoderConfig) -> str:
+    """Writes `encoder_config.json` (read back by `export`); returns its path."""
+    path = os.path.join(directory, ENCODER_CONFIG_FILE)
+    _write_json(path, encoder_config_dict(config))
+    return path
+
+
+def _require_tokenizer(directory: str, word_segmenter: str = "auto") -> WordPieceTokenizer:
     if not os.path.isfile(os.path.join(directory, WordPieceTokenizer.FILENAME)):
         raise FileNotFoundError(f"{directory}: no vocab.txt; initialising from a Hugging Face "
                                 f"BERT needs its WordPiece vocabulary")
-    return WordPieceTokenizer.load(directory)
+    return WordPieceTokenizer.load(directory, word_segmenter)
 
 
 def _write_json(path: str, value) -> None:

@@ -5,6 +5,9 @@ Run (offline CPU demo on the built-in corpus, a few minutes on 2 cores):
 Variants after the colon: smoke (tests), small, base (BERT-base), large (BERT-large):
   python launch.py --config experiments/bert_mlm.py:base --workdir runs/base \
       --config.data.name=wiki40b/en
+Continue pretraining a Hugging Face BERT (its config.json, weights and vocab.txt):
+  python launch.py --config experiments/bert_mlm.py:small --workdir runs/bert_continued \
+      --config.init_from_hf=path/to/bert-dir
 Your own corpus (txt one document per line / blank-line blocks / WikiExtractor, csv, tsv; .gz ok):
   python launch.py --config experiments/bert_mlm.py:small --workdir runs/wiki \
       --config.data.files.train='wiki/train.*.txt.gz' --config.data.files.validation=wiki/valid.txt.gz
@@ -27,6 +30,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "mlm"
     c.seed = 0  # seeds init, data order, masks and dropout
+    # A Hugging Face BERT directory (config.json, weights, vocab.txt) to continue pretraining:
+    # it sets the model shape and the WordPiece tokenizer (model.* keeps only dropout, dtypes,
+    # remat); its weights replace the fresh ones. A checkpoint in --workdir (resume) wins.
+    c.init_from_hf = config_dict.placeholder(str)
 
     c.model = ml_collections.ConfigDict()
     layers, hidden, heads, mlp = SHAPES[variant]
@@ -66,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.model_file = config_dict.placeholder(str)  # a sentencepiece .model; None: train one
+    c.tokenizer.vocab_file = config_dict.placeholder(str)  # a BERT WordPiece vocab.txt (options from tokenizer_config.json beside it); wins over model_file
     c.tokenizer.model_type = "unigram"  # unigram | bpe
     c.tokenizer.vocab_size = {"smoke": 512, "default": 8000}.get(variant, 32000)
     c.tokenizer.character_coverage = 0.9995  # 0.9995 for CJK, 1.0 for small alphabets
@@ -97,6 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = {"smoke": 2, "default": 1500, "small": 20_000}.get(variant, 1_000_000)
     c.train.log_every = {"smoke": 1, "default": 50}.get(variant, 100)
+    c.train.max_steps_per_run = config_dict.placeholder(int)  # checkpoint and exit after this many steps (time-sliced jobs); None: run to num_steps
     c.train.peak_flops_per_device = config_dict.placeholder(float)  # for MFU; None: measured matmul peak
 
     c.ckpt = ml_collections.ConfigDict()

@@ -194,9 +194,24 @@ def _tokens_starting_words(spans: list[tuple[int, int]], word_starts: list[int])
     return flags
 
 
+def _wordpiece_tokenizer(tok_cfg, workdir: str | None, segmenter: str):
+    """A WordPiece tokenizer from the workdir's `vocab.txt` (resume) or `tokenizer.vocab_file`, else None."""
+    from encoder_jax.data.wordpiece import WordPieceTokenizer
+
+    if workdir and os.path.isfile(os.path.join(workdir, WordPieceTokenizer.FILENAME)):
+        return WordPieceTokenizer.load(workdir, segmenter)
+    if not tok_cfg.get("vocab_file"):
+        return None
+    tokenizer = WordPieceTokenizer.load(tok_cfg.vocab_file, segmenter)
+    if workdir:
+        tokenizer.save(workdir)
+    return tokenizer
+
+
 def get_tokenizer(tok_cfg, *, workdir: str | None, cache_dir: str, corpus_id: str,
-                  texts: Callable[[], Iterable[str]]) -> SentencePieceTokenizer:
-    """The run's tokenizer: the workdir's copy (resume) > `tokenizer.model_file` > trained.
+                  texts: Callable[[], Iterable[str]]) -> Tokenizer:
+    """The run's tokenizer: the workdir's copy (resume) > `tokenizer.vocab_file` (WordPiece)
+    > `tokenizer.model_file` > trained.
 
     A trained model is cached under `cache_dir` by corpus and options, so it is
     trained once per corpus; the chosen model is copied into the workdir.
@@ -208,6 +223,9 @@ def get_tokenizer(tok_cfg, *, workdir: str | None, cache_dir: str, corpus_id: st
     in_workdir = os.path.join(workdir, SentencePieceTokenizer.FILENAME) if workdir else None
     if in_workdir and os.path.isfile(in_workdir):
         return SentencePieceTokenizer.load(in_workdir, segmenter)
+    wordpiece = _wordpiece_tokenizer(tok_cfg, workdir, segmenter)
+    if wordpiece is not None:
+        return wordpiece
     if tok_cfg.get("model_file"):
         tokenizer = SentencePieceTokenizer.load(tok_cfg.model_file, segmenter)
     else:

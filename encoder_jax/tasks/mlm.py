@@ -160,10 +160,20 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         for i in range(len(train_source)):
             yield train_source[i][text_field]
 
-    tokenizer = tokenizer_lib.get_tokenizer(
-        config.tokenizer, workdir=workdir, cache_dir=cache_dir,
-        corpus_id=repr(train_source), texts=texts)
-    model_cfg = encoder_config(config.model, tokenizer.vocab_size)
+    hf_dir = config.get("init_from_hf")
+    if hf_dir:  # model shape and tokenizer come from the checkpoint; its weights from init_from
+        from encoder_jax import interop
+
+        model_cfg, tokenizer = interop.load_config_for_init(
+            hf_dir, config.model, config.tokenizer.get("word_segmenter", "auto"))
+        if workdir and shard_index == 0:
+            tokenizer.save(workdir)
+            interop.save_encoder_config(workdir, model_cfg)
+    else:
+        tokenizer = tokenizer_lib.get_tokenizer(
+            config.tokenizer, workdir=workdir, cache_dir=cache_dir,
+            corpus_id=repr(train_source), texts=texts)
+        model_cfg = encoder_config(config.model, tokenizer.vocab_size)
     mlm_cfg = config.mlm
     seq_len = data_cfg.seq_len
     if seq_len > model_cfg.max_len:
@@ -227,8 +237,11 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
             out["unigram_accuracy"] = float(p.max())
         return out
 
+    def init_from_hf(params):
+        return interop.merge_params(params, interop.load_for_init(hf_dir, config.model).params)
+
     return Task(
         name="mlm", init_params=init_params, loss_fn=loss_fn, train_data=train_data,
         example_batch=example_batch, summarize=summarize_with_baseline,
         eval_batches=eval_batches, tokens_in_batch=lambda b: int((b["segment_ids"] > 0).sum()),
-        artifacts=(tokenizer_lib.SentencePieceTokenizer.FILENAME,))
+        init_from=init_from_hf if hf_dir else None, artifacts=(type(tokenizer).FILENAME,))
