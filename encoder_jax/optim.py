@@ -101,15 +101,54 @@ def trainable_mask(params: Any, rule: str) -> Any:
     return traverse_util.unflatten_dict(mask)
 
 
-def build_optimizer(cfg, total_steps: int, trainable: Callable[[Any], Any] | None = None
+def layer_lr_decay_scale(decay: float, num_layers: int) -> Callable[[tuple[str, ...]], float]:
+    """Layer-wise LR decay: path -> decay ** (num_layers + 1 - depth).
+
+    Depth 0 is the encoder's embeddings, block_i is i + 1, and everything above
+    the blocks (final_norm, pooler, task heads outside `encoder`) is num_layers + 1.
+    """
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"finetune.layer_lr_decay={decay}; valid: (0, 1]")
+
+    def scale(path: tuple[str, ...]) -> float:
+        depth = num_layers + 1
+        if path and path[0] == "encoder" and len(path) > 1:
+            match = re.fullmatch(r"block_(\d+)", path[1])
+            if match:
+                depth = int(match.group(1)) + 1
+            elif path[1] not in ("final_norm", "pooler"):
+                depth = 0
+        return float(decay ** (num_layers + 1 - depth))
+
+    return scale
+
+
+def scale_by_path(scale: Callable[[tuple[str, ...]], float]) -> optax.GradientTransformation:
+    """Multiplies each update by `scale(path)` (a per-parameter learning-rate factor)."""
+
+    def update(updates, state, params=None):
+        del params
+        names = lambda key_path: tuple(str(getattr(k, "key", k)) for k in key_path)
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * scale(names(p)), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def build_optimizer(cfg, total_steps: int, trainable: Callable[[Any], Any] | None = None,
+                    lr_scale: Callable[[tuple[str, ...]], float] | None = None
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Clipping + optimizer + schedule; frozen parameters get `set_to_zero` and no state."""
+    """Clipping + optimizer + schedule; frozen parameters get `set_to_zero` and no state.
+
+    `lr_scale` (path -> factor) multiplies each parameter's update, e.g. layer-wise decay.
+    """
     schedule = learning_rate_schedule(cfg.learning_rate, total_steps, cfg.warmup_steps,
                                       cfg.schedule, cfg.get("end_lr_fraction", 0.0))
     parts = []
     if cfg.get("grad_clip_norm"):
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
     parts.append(_base_optimizer(cfg.name, schedule, cfg))
+    if lr_scale is not None:
+        parts.append(scale_by_path(lr_scale))
     tx = optax.chain(*parts)
     if trainable is not None:
         labels = lambda params: jax.tree_util.tree_map(

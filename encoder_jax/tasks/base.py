@@ -30,6 +30,10 @@ class Task:
       on_eval: (step, summary) -> None, for reports after each evaluation.
       eval_fn: optional (params, batch, rng) -> sums; default: loss_fn without dropout.
       artifacts: files written into the workdir (e.g. the tokenizer), for the run log.
+      summarize_eval: optional; when set, evaluation hands it eval_fn's per-batch outputs
+        (host numpy, every batch in order) instead of summing them; -> scalars to log.
+      on_best: (step, summary) -> None, after an evaluation that improved `eval.best_metric`.
+      lr_scale: optional parameter path -> learning-rate factor (e.g. layer-wise decay).
     """
 
     name: str
@@ -45,3 +49,6 @@ class Task:
     on_eval: Callable[[int, dict[str, float]], None] | None = None
     eval_fn: Callable[[Any, Batch, jax.Array], Sums] | None = None
     artifacts: tuple[str, ...] = ()
+    summarize_eval: Callable[[Iterable[dict[str, np.ndarray]]], dict[str, float]] | None = None
+    on_best: Callable[[int, dict[str, float]], None] | None = None
+    lr_scale: Callable[[tuple[str, ...]], float] | None = None
