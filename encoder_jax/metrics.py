@@ -87,7 +87,7 @@ def markdown(report: dict[str, Any], title: str = "Classification report") -> st
     names = report["class_names"]
     lines = [f"# {title}", "", f"{report['num_examples']} examples", "",
              "| metric | value |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in scalars(report).items() if k != "num_examples"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in scalars(report).items() if k not in ("num_examples", "step")]
     if report["roc_auc_skipped"]:
         lines += ["", f"ROC-AUC skipped (class absent from the split): {report['roc_auc_skipped']}"]
     lines += ["", "| class | precision | recall | f1 | support | roc_auc |",
