@@ -1,6 +1,8 @@
 """Runs an experiment config: python launch.py --config experiments/bert_mlm.py --workdir runs/mlm
 
-Modes: train (default; resumes from --workdir), plot (redraw a workdir's curves).
+Modes: train (default; resumes from --workdir), plot (redraw a workdir's curves),
+predict (label config.predict.input with the workdir's model), sweep (grid over
+config.sweep.grid) and cv (k-fold cross-validation), each run in a sub-workdir.
 Errors in configs or data print one line naming the field or file (set
 ENCODER_JAX_TRACEBACK=1 for the full traceback).
 """
@@ -15,7 +17,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, plots)")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "plot"], "what to do")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "plot", "predict", "sweep", "cv"], "what to do")
 flags.mark_flags_as_required(["config", "workdir"])
 
 USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError,
@@ -40,6 +42,17 @@ def main(argv):
     logging.getLogger("encoder_jax").info("JAX %s on %d %s device(s), process %d of %d", jax.__version__,
                  jax.device_count(), jax.devices()[0].platform, jax.process_index(),
                  jax.process_count())
+    if _MODE.value == "predict":
+        print("predictions:", train.predict(_CONFIG.value, _WORKDIR.value))
+        return
+    if _MODE.value in ("sweep", "cv"):
+        from encoder_jax import search
+
+        summary = search.search(_CONFIG.value, _WORKDIR.value, _MODE.value)
+        best = summary["best"]
+        print("best:", search.setting_name(best["setting"]) if best else "no finished run",
+              {k: round(v[0], 4) for k, v in best["metrics"].items()} if best else "")
+        return
     result = train.run(_CONFIG.value, _WORKDIR.value)
     print("final eval:", {k: round(v, 4) for k, v in result.items()})
 

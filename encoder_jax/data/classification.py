@@ -101,8 +101,11 @@ class SubsetSource:
         return f"SubsetSource({self.name}, {len(self)} records)"
 
 
-def open_splits(data_cfg, data_dir: str) -> dict[str, Any]:
-    """{'train', 'validation'} sources of text_i/label records chosen by `config.data`."""
+def open_splits(data_cfg, data_dir: str, need_validation: bool = True) -> dict[str, Any]:
+    """{'train', 'validation'} sources of text_i/label records chosen by `config.data`.
+
+    Without `need_validation` (cross-validation) a missing validation file is fine.
+    """
     text_fields = split_fields(data_cfg.text_fields, "data.text_fields")
     label_field = str(data_cfg.label_field)
     files = data_cfg.get("files") or {}
@@ -115,7 +118,7 @@ def open_splits(data_cfg, data_dir: str) -> dict[str, Any]:
                                                       "validation": data_cfg.eval_split}, data_dir)
         return {split: FieldSource(src, text_fields, label_field) for split, src in raw.items()}
     valid_files = sources.expand_files(files.get("validation"), "data.files.validation")
-    if not valid_files:
+    if not valid_files and need_validation:
         raise DataError("data.files.validation is not set: give a held-out file for evaluation "
                         "(or use --mode cv)")
     file_format = data_cfg.get("format") or "auto"
@@ -125,7 +128,8 @@ def open_splits(data_cfg, data_dir: str) -> dict[str, Any]:
         raise DataError(f"data.format={file_format!r}; classification reads csv or tsv "
                         f"(set data.format for other extensions, e.g. .txt)")
     columns = dict(zip(text_keys(len(text_fields)), text_fields), label=label_field)
-    spec = sources.LocalFilesSpec(splits={"train": train_files, "validation": valid_files},
+    splits = {"train": train_files, **({"validation": valid_files} if valid_files else {})}
+    spec = sources.LocalFilesSpec(splits=splits,
                                   file_format=file_format, columns=columns,
                                   has_header=bool(data_cfg.get("has_header", False)))
     return sources.local_files_sources(spec, data_dir)

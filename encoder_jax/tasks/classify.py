@@ -196,7 +196,8 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     cache_dir = data_cfg.get("data_dir") or sources.default_data_dir()
     text_fields = data_lib.split_fields(data_cfg.text_fields, "data.text_fields")
     allow_empty = bool(data_cfg.get("allow_empty_text", False))
-    splits = data_lib.open_splits(data_cfg, cache_dir)
+    splits = data_lib.open_splits(data_cfg, cache_dir,
+                                    need_validation=(config.get("cv") or {}).get("fold") is None)
     full_train = splits["train"]
     raw_train = data_lib.read_raw_labels(full_train, len(text_fields), allow_empty)
     labels = data_lib.infer_label_space(data_cfg, raw_train, data_lib.catalog_label_names(full_train))

@@ -1,0 +1,220 @@
+"""Grid search (--mode sweep) and k-fold cross-validation (--mode cv) over `train.run`.
+
+Each run is an independent sub-workdir, `<workdir>/point_PP/seed_R` (sweep) or
+`<workdir>/point_PP/fold_R` (cv), numbered point-major, so a cluster can run
+them in parallel with `--config.sweep.index=i`; a finished run (final_eval.json)
+is never trained again. After the runs it was given, the driver (re)writes the
+results from every finished run found:
+  runs.csv                one row per run: its overrides and final metrics
+  results.csv / .md       one row per grid point: mean ± std over its runs
+  best.json               the best point by `sweep.metric` (default eval.best_metric)
+Std is the sample standard deviation (ddof=1; 0 for a single run).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("encoder_jax")
+
+MODES = ("sweep", "cv")
+TABLE_METRICS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "roc_auc_macro", "loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of a search: which grid point, which seed / fold, where."""
+
+    index: int
+    point: int
+    replica: int
+    overrides: dict[str, Any]  # dotted config field -> value (grid point + seed / fold)
+    workdir: str
+
+
+def parse_grid(text: str | None) -> dict[str, list[Any]]:
+    """'{"opt.learning_rate": [1e-4, 3e-4]}' -> dict; each value a non-empty list."""
+    try:
+        grid = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"sweep.grid is not JSON ({e.msg}): {text!r}") from None
+    if not isinstance(grid, dict):
+        raise ValueError(f"sweep.grid must be a JSON object of field -> list, got {text!r}")
+    for field, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"sweep.grid[{field!r}] must be a non-empty list, got {values!r}")
+    return grid
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The product of the grid's lists, in the order the fields were given."""
+    fields = list(grid)
+    return [dict(zip(fields, values)) for values in itertools.product(*grid.values())] or [{}]
+
+
+def with_overrides(config, overrides: dict[str, Any]):
+    """A copy of `config` with dotted fields set; an unknown field is an error naming it."""
+    import ml_collections
+
+    new = config.copy_and_resolve_references()
+    with new.unlocked():
+        for field, value in overrides.items():
+            *parents, leaf = field.split(".")
+            node = new
+            for part in parents:
+                node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+            if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+                raise ValueError(f"sweep.grid field {field!r} is not a config field")
+            current = node[leaf]
+            if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            node[leaf] = tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
+    return new
+
+
+def setting_name(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in point.items()) or "(config as given)"
+
+
+def plan(config, workdir: str, mode: str) -> list[Run]:
+    """Every run of the search, point-major: sweep repeats seeds, cv holds out each fold."""
+    if mode not in MODES:
+        raise ValueError(f"--mode {mode!r}; valid: {list(MODES)}")
+    replicas = int(config.cv.folds) if mode == "cv" else int(config.sweep.get("repeats", 1))
+    if replicas < (2 if mode == "cv" else 1):
+        raise ValueError(f"{'cv.folds' if mode == 'cv' else 'sweep.repeats'}={replicas} is too small")
+    runs = []
+    for p, point in enumerate(grid_points(parse_grid(config.sweep.grid))):
+        for r in range(replicas):
+            extra = {"cv.fold": r} if mode == "cv" else {"seed": config.seed + r}
+            name = f"fold_{r}" if mode == "cv" else f"seed_{r}"
+            runs.append(Run(len(runs), p, r, {**point, **extra},
+                            os.path.join(workdir, f"point_{p:02d}", name)))
+    return runs
+
+
+def read_result(run: Run) -> dict[str, float] | None:
+    """A finished run's final metrics, or None."""
+    path = os.path.join(run.workdir, "final_eval.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def run_one(config, run: Run) -> dict[str, float]:
+    """Trains one run (unless finished) in its sub-workdir; returns its final metrics."""
+    from encoder_jax import train
+
+    done = read_result(run)
+    if done is not None:
+        log.info("run %d (%s) already finished", run.index, run.workdir)
+        return done
+    log.info("run %d: %s -> %s", run.index, setting_name(run.overrides), run.workdir)
+    sub = with_overrides(config, run.overrides)
+    os.makedirs(run.workdir, exist_ok=True)
+    with open(os.path.join(run.workdir, "run.json"), "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(run), f, indent=2)
+    return train.run(sub, run.workdir)
+
+
+def ranking(config) -> tuple[str, str]:
+    """(metric, 'max' | 'min') that names the best setting."""
+    from encoder_jax.train import metric_mode
+
+    metric = config.sweep.get("metric") or config.eval.get("best_metric") or "accuracy"
+    return metric, metric_mode(metric, config.eval.get("best_mode", "auto"))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def summarize_runs(runs: list[Run], metric: str, mode: str) -> dict[str, Any]:
+    """Per-point mean ± std of the finished runs' metrics, and the best point."""
+    results = {run.index: read_result(run) for run in runs}
+    points: dict[int, dict[str, Any]] = {}
+    for run in runs:
+        entry = points.setdefault(run.point, {"point": run.point, "runs": 0, "total": 0,
+                                              "setting": {k: v for k, v in run.overrides.items()
+                                                          if k not in ("seed", "cv.fold")}})
+        entry["total"] += 1
+        if results[run.index] is not None:
+            entry["runs"] += 1
+    finished = [r for r in results.values() if r]
+    names = [metric] + [m for m in TABLE_METRICS if m != metric]
+    names = [m for m in names if finished and all(m in r for r in finished)]
+    for entry in points.values():
+        mine = [results[r.index] for r in runs if r.point == entry["point"] and results[r.index]]
+        entry["metrics"] = {m: mean_std([r[m] for r in mine]) for m in names if mine}
+    scored = [e for e in points.values() if metric in e["metrics"]]
+    sign = 1.0 if mode == "max" else -1.0
+    best = max(scored, key=lambda e: sign * e["metrics"][metric][0]) if scored else None
+    return {"metric": metric, "mode": mode, "metrics": names, "points": list(points.values()),
+            "best": best, "runs": [{**dataclasses.asdict(r), "result": results[r.index]} for r in runs]}
+
+
+def write_tables(summary: dict[str, Any], workdir: str, title: str) -> list[str]:
+    """runs.csv, results.csv, results.md and best.json from `summarize_runs`."""
+    names = summary["metrics"]
+    paths = [os.path.join(workdir, n) for n in ("runs.csv", "results.csv", "results.md", "best.json")]
+    with open(paths[0], "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "point", "replica", "overrides", "workdir", *names])
+        for run in summary["runs"]:
+            result = run["result"] or {}
+            writer.writerow([run["index"], run["point"], run["replica"], json.dumps(run["overrides"]),
+                             run["workdir"], *[result.get(m, "") for m in names]])
+    with open(paths[1], "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["point", "setting", "runs", *[f"{m}_{s}" for m in names for s in ("mean", "std")]])
+        for e in summary["points"]:
+            cells = [v for m in names for v in e["metrics"].get(m, ("", ""))]
+            writer.writerow([e["point"], setting_name(e["setting"]), f"{e['runs']}/{e['total']}", *cells])
+    best = summary["best"]
+    lines = [f"# {title}", "", f"Ranked by {summary['metric']} ({summary['mode']}); mean ± std over runs.",
+             "", "| point | setting | runs | " + " | ".join(names) + " |",
+             "| --- " * (len(names) + 3) + "|"]
+    for e in summary["points"]:
+        cells = [f"{e['metrics'][m][0]:.4f} ± {e['metrics'][m][1]:.4f}" if m in e["metrics"] else "—"
+                 for m in names]
+        mark = " **(best)**" if best is not None and e["point"] == best["point"] else ""
+        lines.append(f"| {e['point']} | {setting_name(e['setting'])}{mark} | {e['runs']}/{e['total']} | "
+                     + " | ".join(cells) + " |")
+    if best is not None:
+        mean, std = best["metrics"][summary["metric"]]
+        lines += ["", f"**Best setting:** {setting_name(best['setting'])} — {summary['metric']} "
+                      f"{mean:.4f} ± {std:.4f} over {best['runs']} run(s)."]
+    with open(paths[2], "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(paths[3], "w", encoding="utf-8") as f:
+        json.dump({"metric": summary["metric"], "mode": summary["mode"], "best": best}, f, indent=2)
+    return paths
+
+
+def search(config, workdir: str, mode: str) -> dict[str, Any]:
+    """Runs the search's runs (all, or `sweep.index` only), then writes the tables; returns the summary."""
+    runs = plan(config, workdir, mode)
+    index = config.sweep.get("index")
+    if index is not None and not 0 <= index < len(runs):
+        raise ValueError(f"sweep.index={index}; valid: 0..{len(runs) - 1} ({len(runs)} runs)")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "search.json"), "w", encoding="utf-8") as f:
+        json.dump({"mode": mode, "runs": [dataclasses.asdict(r) for r in runs]}, f, indent=2)
+    for run in runs if index is None else [runs[index]]:
+        run_one(config, run)
+    metric, metric_order = ranking(config)
+    summary = summarize_runs(runs, metric, metric_order)
+    title = "Cross-validation" if mode == "cv" else "Grid search"
+    for path in write_tables(summary, workdir, f"{title} ({len(runs)} runs)"):
+        log.info("wrote %s", path)
+    return summary
