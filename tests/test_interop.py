@@ -1,0 +1,392 @@
+"""Hugging Face BERT interop: numerical parity, round trips, WordPiece, bad inputs.
+
+Every Hugging Face model here is random-initialised locally (no downloads),
+with LayerNorm and bias parameters perturbed so they are not identities.
+Parity is checked on a batch of 2 x 16 with padding and two token types;
+real tokens only (padded positions are undefined in both implementations).
+The max-abs-differences are printed (`pytest -s`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from encoder_jax import hf_bert, interop  # noqa: E402
+from encoder_jax.data.wordpiece import WordPieceTokenizer  # noqa: E402
+from encoder_jax.layers import EncoderConfig  # noqa: E402
+from encoder_jax.models import BertEncoder, BertForClassification, BertForMaskedLM  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+
+TOLERANCE = 1e-4  # float32 max abs difference
+SMALL = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=128, max_position_embeddings=64)
+BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+            intermediate_size=3072, max_position_embeddings=512)
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["the", "cat", "sat", "on", "mat", "cafe", "naive", "resume", "hello", "world", "un",
+         "##aff", "##able", "##s", "##ed", "over", "a", "b", "uber", "-", "cool", "fiancee",
+         "我", "爱", "北", "京", "天", "安", "门", "中", "文", "，", "。", ",", ".", "!", "?", "'",
+         "(", ")", "Hello", "World", "Café", "é", "##é", "cat", "ｈｅｌｌｏ"]
+TEXTS = ["Hello, World! The CAFÉ's naïve résumé (über-cool) — unaffable.",
+         "我爱北京天安门，中文。Hello world!",
+         "The cat sat on the mat?! Fiancée\tcafé\u00a0résumés... 㐀 ｈｅｌｌｏ",
+         "unaffableness [MASK] over the cat"]
+
+
+def _vocab(size: int) -> list[str]:
+    words = SPECIALS + WORDS
+    return words + [f"w{i}" for i in range(size - len(words))]
+
+
+def _perturb(model, seed: int = 0) -> None:
+    """Non-trivial LayerNorms and biases (Hugging Face initialises them to 1 and 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+def make_hf_dir(directory, model_class: str = "BertForPreTraining", seed: int = 0, **overrides):
+    """Saves a random-initialised Hugging Face BERT + vocab.txt into `directory`; returns the model."""
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(**{**SMALL, **overrides})
+    model = getattr(transformers, model_class)(config).eval()
+    _perturb(model, seed)
+    model.save_pretrained(str(directory))
+    (directory / "vocab.txt").write_text("\n".join(_vocab(config.vocab_size)) + "\n", encoding="utf-8")
+    return model
+
+
+def make_batch(vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """2 x 16: row 0 full (types 0/1), row 1 padded after 11 tokens (types 0/1/0-pad)."""
+    rng = np.random.default_rng(seed)
+    batch, length = 2, 16
+    ids = rng.integers(5, vocab_size, (batch, length))
+    mask = np.ones((batch, length), np.int64)
+    mask[1, 11:] = 0
+    ids[mask == 0] = 0
+    ids[:, 0] = 2  # [CLS]
+    types = np.zeros((batch, length), np.int64)
+    types[0, 7:] = 1
+    types[1, 6:11] = 1
+    return {"ids": ids, "mask": mask, "types": types}
+
+
+def hf_forward(model, batch):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(batch["ids"]), attention_mask=torch.tensor(batch["mask"]),
+                    token_type_ids=torch.tensor(batch["types"]), output_hidden_states=True)
+    return out
+
+
+def our_inputs(batch):
+    return dict(mask=jnp.asarray(batch["mask"]), type_ids=jnp.asarray(batch["types"]))
+
+
+def mlm_logits(params, config: EncoderConfig, batch) -> np.ndarray:
+    """Our MLM logits at every position: (B, L, V)."""
+    positions = np.broadcast_to(np.arange(batch["ids"].shape[1]), batch["ids"].shape)
+    return np.asarray(BertForMaskedLM(config).apply(
+        {"params": params}, jnp.asarray(batch["ids"]), jnp.asarray(positions), **our_inputs(batch)))
+
+
+def max_diff(a, b, real=None) -> float:
+    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    return float((diff[real] if real is not None else diff).max())
+
+
+def check_pretraining_parity(directory, model, label: str) -> dict[str, float]:
+    bert = interop.import_hf(str(directory))
+    batch = make_batch(bert.config.vocab_size)
+    real = batch["mask"].astype(bool)
+    out = hf_forward(model, batch)
+    hidden, pooled = BertEncoder(bert.config).apply(
+        {"params": bert.params["encoder"]}, jnp.asarray(batch["ids"]), **our_inputs(batch))
+    hf_pooled = model.bert.pooler(out.hidden_states[-1]).detach().numpy()
+    diffs = {"hidden": max_diff(hidden, out.hidden_states[-1].numpy(), real),
+             "pooled": max_diff(pooled, hf_pooled),
+             "mlm_logits": max_diff(mlm_logits(bert.params, bert.config, batch),
+                                    out.prediction_logits.numpy(), real)}
+    print(f"\nparity {label}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    assert all(v <= TOLERANCE for v in diffs.values()), diffs
+    return diffs
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("hidden_act,eps", [("gelu", 1e-12), ("gelu_new", 1e-5)])
+def test_small_bert_matches_hugging_face(tmp_path, hidden_act, eps):
+    model = make_hf_dir(tmp_path, hidden_act=hidden_act, layer_norm_eps=eps)
+    bert = interop.import_hf(str(tmp_path))
+    assert bert.config.activation == {"gelu": "gelu", "gelu_new": "gelu_tanh"}[hidden_act]
+    assert bert.config.layer_norm_eps == eps and bert.config.use_pooler and bert.has_mlm_head
+    assert bert.unused == ["cls.seq_relationship.bias", "cls.seq_relationship.weight"]
+    assert bert.missing == []
+    check_pretraining_parity(tmp_path, model, f"small {hidden_act}")
+
+
+def test_the_activation_option_matters(tmp_path):
+    """The comparison can fail: the tanh GELU on an exact-GELU checkpoint misses the tolerance."""
+    model = make_hf_dir(tmp_path, hidden_act="gelu")
+    bert = interop.import_hf(str(tmp_path))
+    batch = make_batch(bert.config.vocab_size)
+    wrong = dataclasses.replace(bert.config, activation="gelu_tanh")
+    hf_logits = hf_forward(model, batch).prediction_logits.numpy()
+    assert max_diff(mlm_logits(bert.params, wrong, batch), hf_logits) > 10 * TOLERANCE
+
+
+def test_bert_base_shape_matches_hugging_face(tmp_path):
+    model = make_hf_dir(tmp_path, **BASE)
+    check_pretraining_parity(tmp_path, model, "BERT-base shape")
+
+
+def test_masked_lm_checkpoint_has_no_pooler(tmp_path):
+    model = make_hf_dir(tmp_path, "BertForMaskedLM")
+    bert = interop.import_hf(str(tmp_path))
+    assert not bert.config.use_pooler and "pooler" not in bert.params["encoder"]
+    assert bert.missing == ["pooler.dense.weight", "pooler.dense.bias"] and bert.unused == []
+    batch = make_batch(bert.config.vocab_size)
+    diff = max_diff(mlm_logits(bert.params, bert.config, batch),
+                    hf_forward(model, batch).logits.numpy(), batch["mask"].astype(bool))
+    assert diff <= TOLERANCE
+
+
+def test_sequence_classifier_matches_hugging_face(tmp_path):
+    labels = {0: "sports", 1: "politics", 2: "science"}
+    model = make_hf_dir(tmp_path, "BertForSequenceClassification", num_labels=3, id2label=labels,
+                        label2id={v: k for k, v in labels.items()})
+    bert = interop.import_hf(str(tmp_path))
+    assert bert.label_names == ["sports", "politics", "science"] and not bert.has_mlm_head
+    assert "cls.predictions.bias" in bert.missing
+    batch = make_batch(bert.config.vocab_size)
+    ours = BertForClassification(bert.config, num_classes=3).apply(
+        {"params": {"encoder": bert.params["encoder"], "classifier": bert.classifier}},
+        jnp.asarray(batch["ids"]), **our_inputs(batch))
+    diff = max_diff(ours, hf_forward(model, batch).logits.numpy())
+    print(f"\nparity classifier logits: {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
+def test_pytorch_bin_reads_with_weights_only(tmp_path):
+    model = make_hf_dir(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    assert os.path.basename(interop.import_hf(str(tmp_path)).weights_file) == "pytorch_model.bin"
+    check_pretraining_parity(tmp_path, model, "pytorch_model.bin")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickled_code_in_a_bin_is_refused(tmp_path):
+    make_hf_dir(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    torch.save({"x": _Exploit()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        interop.import_hf(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def hf_state(directory, model_class: str):
+    model, info = getattr(transformers, model_class).from_pretrained(
+        str(directory), output_loading_info=True)
+    return model, {k: v.numpy() for k, v in model.state_dict().items()}, info
+
+
+@pytest.mark.parametrize("model_class,head", [("BertForMaskedLM", "mlm"),
+                                              ("BertForSequenceClassification", "classifier")])
+def test_import_export_round_trip_is_identical(tmp_path, model_class, head):
+    original = make_hf_dir(tmp_path / "hf", model_class, num_labels=4)
+    bert = interop.import_hf(str(tmp_path / "hf"))
+    params = dict(bert.params, **({"classifier": bert.classifier} if bert.classifier else {}))
+    interop.export_hf(params, bert.config, str(tmp_path / "out"), tokenizer=bert.tokenizer,
+                      head=head, label_names=bert.label_names)
+    _, exported, info = hf_state(tmp_path / "out", model_class)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    for name, value in original.state_dict().items():
+        np.testing.assert_array_equal(exported[name], value.numpy(), err_msg=name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"] == bert.tokenizer.encode(TEXTS[0])
+
+
+def test_export_of_a_model_made_here_gives_the_same_logits(tmp_path):
+    config = EncoderConfig(vocab_size=90, hidden_dim=48, num_layers=2, num_heads=3, mlp_dim=96,
+                           max_len=32, activation="gelu_tanh", layer_norm_eps=1e-6)
+    batch = make_batch(config.vocab_size, seed=1)
+    params = BertForMaskedLM(config).init(
+        jax.random.key(3), jnp.asarray(batch["ids"]), jnp.zeros((2, 3), jnp.int32))["params"]
+    interop.export_hf(params, config, str(tmp_path))
+    model, _, info = hf_state(tmp_path, "BertForMaskedLM")
+    assert not info["missing_keys"] and set(info["unexpected_keys"]) <= {
+        "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    diff = max_diff(mlm_logits(params, config, batch), hf_forward(model, batch).logits.numpy(),
+                    batch["mask"].astype(bool))
+    assert diff <= TOLERANCE
+
+
+def test_export_refuses_what_bert_cannot_hold(tmp_path):
+    config = EncoderConfig(vocab_size=50, hidden_dim=16, num_layers=1, num_heads=2, mlp_dim=32,
+                           max_len=16, pre_norm=True)
+    params = BertForMaskedLM(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
+                                          jnp.zeros((1, 1), jnp.int32))["params"]
+    with pytest.raises(ValueError, match="pre_norm"):
+        interop.export_hf(params, config, str(tmp_path))
+    with pytest.raises(ValueError, match="head='classifier'"):
+        interop.export_hf(params, dataclasses.replace(config, pre_norm=False),
+                          str(tmp_path), head="classifier")
+
+
+# ----------------------------------------------------------------------------- WordPiece
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_wordpiece_equals_bert_tokenizer_fast(tmp_path, lowercase):
+    (tmp_path / "vocab.txt").write_text("\n".join(_vocab(80)) + "\n", encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lowercase}))
+    reference = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))
+    ours = WordPieceTokenizer.load(str(tmp_path))
+    encodings = [ours.encode(t) for t in TEXTS]
+    assert len(set(map(tuple, encodings))) == len(TEXTS)
+    assert sum(i == ours.unk_id for e in encodings for i in e) < sum(map(len, encodings)) // 2
+    for text, ids in zip(TEXTS, encodings):
+        assert ids == reference(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+    assert (ours.pad_id, ours.unk_id, ours.cls_id, ours.sep_id, ours.mask_id) == (0, 1, 2, 3, 4)
+
+
+def test_wordpiece_word_starts_pickling_and_save(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(_vocab(80)) + "\n", encoding="utf-8")
+    tokenizer = WordPieceTokenizer.load(str(tmp_path / "vocab.txt"), word_segmenter="whitespace")
+    ids, starts = tokenizer.encode_words("unaffable cats, 北京")
+    pieces = [tokenizer.id_to_piece(i) for i in ids]
+    assert pieces == ["un", "##aff", "##able", "cat", "##s", ",", "北", "京"]
+    assert starts == [True, False, False, True, False, True, True, True]
+    jieba = WordPieceTokenizer.load(str(tmp_path), word_segmenter="jieba")
+    assert jieba.encode_words("我爱北京")[1] == [True, True, True, False]  # 北京 is one word
+    clone = pickle.loads(pickle.dumps(jieba))
+    assert clone.encode(TEXTS[1]) == jieba.encode(TEXTS[1]) and clone.word_segmenter == "jieba"
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    WordPieceTokenizer(tokenizer.vocab, lowercase=False).save(str(saved))
+    again = WordPieceTokenizer.load(str(saved))
+    assert not again.lowercase and again.vocab == tokenizer.vocab
+
+
+def test_wordpiece_needs_the_special_tokens(tmp_path):
+    with pytest.raises(ValueError, match=r"\[MASK\]"):
+        WordPieceTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a"])
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_config_is_a_clear_error(tmp_path):
+    make_hf_dir(tmp_path)
+    os.remove(tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        interop.import_hf(str(tmp_path))
+
+
+def test_non_bert_architecture_is_a_clear_error(tmp_path):
+    make_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "roberta", "architectures": ["RobertaForMaskedLM"]}))
+    with pytest.raises(ValueError, match="only BERT is supported"):
+        interop.import_hf(str(tmp_path))
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    make_hf_dir(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        interop.import_hf(str(tmp_path))
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    make_hf_dir(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 100}))
+    with pytest.raises(ValueError, match=r"encoder.layer.0.intermediate.dense.weight has shape \(128, 64\)"):
+        interop.import_hf(str(tmp_path))
+
+
+def test_missing_encoder_tensors_are_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    make_hf_dir(tmp_path)
+    path = str(tmp_path / "model.safetensors")
+    tensors = load_file(path)
+    del tensors["bert.encoder.layer.1.output.dense.bias"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="encoder.layer.1.output.dense.bias"):
+        interop.import_hf(str(tmp_path))
+
+
+def test_merge_params_checks_shapes():
+    fresh = {"encoder": {"w": np.zeros((2, 3), np.float32)}, "head": np.zeros(2, np.float32)}
+    merged = interop.merge_params(fresh, {"encoder": {"w": np.ones((2, 3))}, "extra": np.ones(1)})
+    assert merged["encoder"]["w"].dtype == np.float32 and merged["encoder"]["w"].sum() == 6
+    assert merged["head"].sum() == 0
+    with pytest.raises(ValueError, match=r"encoder/w has shape \(3, 2\)"):
+        interop.merge_params(fresh, {"encoder": {"w": np.ones((3, 2))}})
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_mlm_continues_from_hf_then_exports(corpus_files, data_cache, tmp_path):
+    """init_from_hf through the trainer, two steps, CLI export: Hugging Face gives our logits."""
+    from encoder_jax import checkpoint, train
+
+    make_hf_dir(tmp_path / "hf", "BertForMaskedLM")
+    config = tiny_config(corpus_files, data_cache, **{
+        "init_from_hf": str(tmp_path / "hf"), "train.num_steps": 2, "eval.every_steps": 2})
+    workdir = tmp_path / "run"
+    train.run(config, str(workdir))
+    assert (workdir / "vocab.txt").is_file() and (workdir / "encoder_config.json").is_file()
+    imported = interop.import_hf(str(tmp_path / "hf")).params
+    trained = checkpoint.load_params(str(workdir))
+    step = np.abs(np.asarray(trained["encoder"]["token_embed"]["embedding"])
+                  - imported["encoder"]["token_embed"]["embedding"]).max()
+    assert 0 < step < 0.01, "trained a little, starting from the imported weights"
+    assert interop.main(["export", str(workdir), str(tmp_path / "out")]) == 0
+    model, _, info = hf_state(tmp_path / "out", "BertForMaskedLM")
+    assert not info["missing_keys"]
+    config_here = interop.config_from_params(trained)
+    batch = make_batch(config_here.vocab_size)
+    diff = max_diff(mlm_logits(trained, config_here, batch), hf_forward(model, batch).logits.numpy(),
+                    batch["mask"].astype(bool))
+    print(f"\nparity exported trained MLM logits: {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
+def test_cli_import_then_export_round_trip(tmp_path):
+    original = make_hf_dir(tmp_path / "hf", "BertForPreTraining")
+    assert interop.main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
+    assert json.loads((tmp_path / "imported" / "encoder_config.json").read_text())["num_layers"] == 2
+    assert interop.main(["export", str(tmp_path / "imported"), str(tmp_path / "out")]) == 0
+    _, exported, info = hf_state(tmp_path / "out", "BertForMaskedLM")
+    assert not info["missing_keys"]
+    for name, value in original.state_dict().items():
+        if name in exported:
+            np.testing.assert_array_equal(exported[name], value.numpy(), err_msg=name)
+    assert interop.main(["import", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
