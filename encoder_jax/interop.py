@@ -27,8 +27,10 @@ From the shell::
 workdir (its latest checkpoint, or `--step`) and writes a directory that
 `transformers` loads with `from_pretrained`.
 
-Tasks initialise from a Hugging Face directory with `load_for_init` (model
-shape, params, tokenizer) and `merge_params` (imported leaves into fresh ones).
+Tasks initialise from a Hugging Face directory with `load_config_for_init`
+(model shape and tokenizer, cheap), `load_for_init` (+ params) and
+`merge_params` (imported leaves into fresh ones); classification through
+`pretrained_encoder_from_hf`, a `pretrained.PretrainedEncoder`.
 """
 
 from __future__ import annotations
@@ -116,7 +118,11 @@ def import_hf(directory: str) -> ImportedBert:
 
 
 def runtime_config(config: EncoderConfig, model_cfg=None) -> EncoderConfig:
-    """The checkpoint's shape with the experiment's runtime fields (dropout, dtypes, remat, pooler)."""
+    """The checkpoint's shape with the experiment's runtime fields (dropout, dtypes, remat, pooler).
+
+    Without `model_cfg`: the checkpoint's own dropout, float32, and a pooler
+    (fresh if the checkpoint has none, as Hugging Face does when fine-tuning).
+    """
     if model_cfg is None:
         return dataclasses.replace(config, use_pooler=True)
     import jax.numpy as jnp
@@ -131,12 +137,16 @@ def runtime_config(config: EncoderConfig, model_cfg=None) -> EncoderConfig:
                 except TypeError:
                     raise ValueError(f"model.{name}={values[name]!r}; valid: float32, bfloat16, "
                                      f"float16") from None
-    for name in ("hidden_dim", "num_layers", "num_heads", "mlp_dim", "max_len",
-                 "type_vocab_size", "activation", "layer_norm_eps", "pre_norm"):
-        if name in model_cfg and model_cfg[name] != getattr(config, name):
-            log.info("model.%s=%r replaced by %r from the Hugging Face config.json", name,
-                     model_cfg[name], getattr(config, name))
     return dataclasses.replace(config, **values)
+
+
+def _log_replaced_shape(config: EncoderConfig, model_cfg, directory: str) -> None:
+    replaced = [f"{name} {model_cfg[name]!r} -> {getattr(config, name)!r}"
+                for name in ("hidden_dim", "num_layers", "num_heads", "mlp_dim", "max_len",
+                             "type_vocab_size", "activation", "layer_norm_eps", "pre_norm")
+                if name in model_cfg and model_cfg[name] != getattr(config, name)]
+    if replaced:
+        log.info("model shape from %s/config.json: %s", directory, ", ".join(replaced))
 
 
 def load_config_for_init(directory: str, model_cfg=None, word_segmenter: str = "auto"
@@ -144,6 +154,8 @@ def load_config_for_init(directory: str, model_cfg=None, word_segmenter: str = "
     """Model config and tokenizer of a Hugging Face directory, reading no weights (cheap)."""
     hf_config = hf_bert.read_config(directory)
     config = hf_bert.encoder_config(hf_config, os.path.join(directory, hf_bert.CONFIG_FILE))
+    if model_cfg is not None:
+        _log_replaced_shape(config, model_cfg, directory)
     return runtime_config(config, model_cfg), _require_tokenizer(directory, word_segmenter)
 
 
@@ -156,6 +168,31 @@ def load_for_init(directory: str, model_cfg=None, word_segmenter: str = "auto") 
     bert = import_hf(directory)
     return InitSource(runtime_config(bert.config, model_cfg), bert.params,
                       _require_tokenizer(directory, word_segmenter), bert.classifier)
+
+
+def pretrained_encoder_from_hf(directory: str, word_segmenter: str = "auto"):
+    """A `pretrained.PretrainedEncoder` for fine-tuning (classification) from a Hugging Face directory.
+
+    Reads config.json and vocab.txt now, the weights only when its params are
+    loaded. A checkpoint without a pooler (e.g. BertForMaskedLM) gets a fresh
+    one, initialised as Hugging Face does (normal(initializer_range), zero bias).
+    """
+    from encoder_jax.pretrained import PretrainedEncoder
+
+    config, tokenizer = load_config_for_init(directory, None, word_segmenter)
+
+    def load_params():
+        encoder = dict(import_hf(directory).params["encoder"])
+        if "pooler" not in encoder:
+            log.info("%s: no pooler in the checkpoint; initialising a fresh one", directory)
+            rng = np.random.default_rng(0)
+            encoder["pooler"] = {
+                "kernel": (config.init_std * rng.standard_normal(
+                    (config.hidden_dim, config.hidden_dim))).astype(np.float32),
+                "bias": np.zeros((config.hidden_dim,), np.float32)}
+        return encoder
+
+    return PretrainedEncoder(config, load_params, tokenizer, f"init_from_hf={directory!r}")
 
 
 def merge_params(fresh: Params, imported: Params, source: str = "init_from_hf") -> Params:

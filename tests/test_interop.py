@@ -390,3 +390,29 @@ def test_cli_import_then_export_round_trip(tmp_path):
         if name in exported:
             np.testing.assert_array_equal(exported[name], value.numpy(), err_msg=name)
     assert interop.main(["import", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
+
+
+def test_classification_seam_takes_a_hugging_face_encoder(tmp_path):
+    """pretrained_encoder_from_hf plugs into pretrained.graft_encoder; a missing pooler is made fresh."""
+    from encoder_jax import pretrained
+
+    model = make_hf_dir(tmp_path, "BertForMaskedLM")
+    source = interop.pretrained_encoder_from_hf(str(tmp_path))
+    assert source.config.use_pooler and source.tokenizer.vocab_size == source.config.vocab_size
+    batch = make_batch(source.config.vocab_size)
+    fresh = BertForClassification(source.config, num_classes=3).init(
+        jax.random.key(0), jnp.asarray(batch["ids"]))["params"]
+    params = pretrained.graft_encoder(fresh, source.load_params(), source.source)
+    hidden, _ = BertEncoder(source.config).apply(
+        {"params": params["encoder"]}, jnp.asarray(batch["ids"]), **our_inputs(batch))
+    hf_hidden = hf_forward(model, batch).hidden_states[-1].numpy()
+    assert max_diff(hidden, hf_hidden, batch["mask"].astype(bool)) <= TOLERANCE
+
+
+def test_load_saved_finds_either_tokenizer(tmp_path):
+    from encoder_jax.data import tokenizer as tokenizer_lib
+
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
+        tokenizer_lib.load_saved(str(tmp_path))
+    WordPieceTokenizer(_vocab(60)).save(str(tmp_path))
+    assert isinstance(tokenizer_lib.load_saved(str(tmp_path)), WordPieceTokenizer)

@@ -194,6 +194,17 @@ def _tokens_starting_words(spans: list[tuple[int, int]], word_starts: list[int])
     return flags
 
 
+def load_saved(directory: str, word_segmenter: str = "auto") -> Tokenizer:
+    """The tokenizer a run saved in `directory`: tokenizer.model (sentencepiece) or vocab.txt (WordPiece)."""
+    from encoder_jax.data.wordpiece import WordPieceTokenizer
+
+    for cls in (SentencePieceTokenizer, WordPieceTokenizer):
+        if os.path.isfile(os.path.join(directory, cls.FILENAME)):
+            return cls.load(os.path.join(directory, cls.FILENAME), word_segmenter)
+    raise FileNotFoundError(f"{directory!r} holds no tokenizer ({SentencePieceTokenizer.FILENAME} "
+                            f"or {WordPieceTokenizer.FILENAME})")
+
+
 def _wordpiece_tokenizer(tok_cfg, workdir: str | None, segmenter: str):
     """A WordPiece tokenizer from the workdir's `vocab.txt` (resume) or `tokenizer.vocab_file`, else None."""
     from encoder_jax.data.wordpiece import WordPieceTokenizer
