@@ -290,14 +290,18 @@ def read_workdir(workdir: str, step: int | None = None):
 
     params = checkpoint.load_params(workdir, step)
     numerics = {}
-    for name in (ENCODER_CONFIG_FILE, "config.json"):
+    # First found wins: this module's record, the classification task's, the experiment config.
+    for name, section in ((ENCODER_CONFIG_FILE, None), ("model.json", "encoder"),
+                          ("config.json", "model")):
         path = os.path.join(workdir, name)
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
-            saved = saved.get("model", saved) if name == "config.json" else saved
-            numerics = {k: saved[k] for k in ("activation", "layer_norm_eps") if k in saved}
-            break
+            saved = saved.get(section) or {} if section else saved
+            numerics = {k: saved[k] for k in ("activation", "layer_norm_eps")
+                        if saved.get(k) is not None}
+            if numerics:
+                break
     config = config_from_params(params, **numerics)
     tokenizer = None
     if os.path.isfile(os.path.join(workdir, WordPieceTokenizer.FILENAME)):
@@ -307,6 +311,7 @@ def read_workdir(workdir: str, step: int | None = None):
     if os.path.isfile(labels_path):
         with open(labels_path, encoding="utf-8") as f:
             labels = json.load(f)
+        labels = labels.get("names") if isinstance(labels, dict) else labels  # classify: {"names", ...}
     return params, config, tokenizer, labels
 
 
@@ -375,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     exp.add_argument("--labels", default=None, help="comma-separated class names (classifier)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
     try:
         if args.command == "import":
             bert = import_hf(args.hf_dir)

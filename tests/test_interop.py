@@ -416,3 +416,17 @@ def test_load_saved_finds_either_tokenizer(tmp_path):
         tokenizer_lib.load_saved(str(tmp_path))
     WordPieceTokenizer(_vocab(60)).save(str(tmp_path))
     assert isinstance(tokenizer_lib.load_saved(str(tmp_path)), WordPieceTokenizer)
+
+
+def test_export_reads_a_classification_workdir(tmp_path):
+    """Label names from labels.json ({"names": ...} as the classification task writes it)."""
+    make_hf_dir(tmp_path / "hf", "BertForSequenceClassification", num_labels=2, hidden_act="gelu_new")
+    interop.write_import(interop.import_hf(str(tmp_path / "hf")), str(tmp_path / "run"))
+    os.remove(tmp_path / "run" / "encoder_config.json")
+    (tmp_path / "run" / "model.json").write_text(json.dumps({"encoder": {"activation": "gelu_tanh"}}))
+    (tmp_path / "run" / "labels.json").write_text(json.dumps({"names": ["no", "yes"], "kind": "name"}))
+    _, config, tokenizer, labels = interop.read_workdir(str(tmp_path / "run"))
+    assert config.activation == "gelu_tanh" and labels == ["no", "yes"] and tokenizer is not None
+    assert interop.main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported["id2label"] == {"0": "no", "1": "yes"} and exported["hidden_act"] == "gelu_new"
