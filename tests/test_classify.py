@@ -1,0 +1,329 @@
+"""Classification: head, data, metrics vs scikit-learn, freezing, optimizers, init_from, search, bad input."""
+
+import csv
+import json
+import logging
+import os
+import random
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from encoder_jax import checkpoint, metrics, optim, parallel, search, train
+from encoder_jax.data import classification as data_lib
+from encoder_jax.data.sources import DataError
+from encoder_jax.layers import EncoderConfig
+from encoder_jax.models import BertForClassification
+from encoder_jax.tasks import classify
+
+from conftest import ROOT, tiny_config
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import classify_news  # noqa: E402
+
+TOPICS = {"sports": "ball goal team match player score coach league win season",
+          "tech": "computer software chip internet phone data code robot cloud app",
+          "money": "bank market stock price trade profit fund dollar share economy"}
+FILLER = ["the", "a", "of", "in", "today", "new", "big"]
+
+
+def write_csv(path, rows, header=("title", "body", "topic")):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if header:
+            writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+def make_rows(count, seed):
+    """Topic-word headlines + bodies; the topic is learnable from the words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        topic = list(TOPICS)[i % len(TOPICS)]
+        words = TOPICS[topic].split()
+        rows.append([" ".join(rng.choices(words, k=3)),
+                     " ".join(rng.choices(words + FILLER, k=rng.randint(3, 12))), topic])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def news(tmp_path_factory):
+    """{'train', 'dev'}: 120 / 45 rows of title,body,topic (45 is not a multiple of 8)."""
+    directory = tmp_path_factory.mktemp("news")
+    return {"train": write_csv(directory / "train.csv", make_rows(120, 0)),
+            "dev": write_csv(directory / "dev.csv", make_rows(45, 1)), "dir": str(directory)}
+
+
+def news_config(news, data_cache, **overrides):
+    """classify_news.py:smoke on the tiny csv, shrunk for speed; overrides as 'a.b' -> value."""
+    config = classify_news.get_config("smoke")
+    config.data.files.train, config.data.files.validation = news["train"], news["dev"]
+    config.data.text_fields, config.data.label_field = "title,body", "topic"
+    config.data.data_dir = data_cache
+    config.data.max_len, config.data.pad_lengths = 32, (32,)
+    config.tokenizer.vocab_size = 300
+    config.train.peak_flops_per_device = 1e12  # skip the matmul benchmark
+    config.ckpt.use_async = False
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def build(config, workdir=None):
+    return classify.build(config, workdir)
+
+
+def tokenizer_for(news, data_cache):
+    """The sentencepiece model the task trains on the tiny csv (cached after the first build)."""
+    from encoder_jax.data.tokenizer import get_tokenizer
+
+    config = news_config(news, data_cache)
+    source = data_lib.open_splits(config.data, data_cache)["train"]
+    texts = lambda: (v for i in range(len(source)) for k, v in source[i].items() if k != "label")
+    return get_tokenizer(config.tokenizer, workdir=None, cache_dir=data_cache,
+                         corpus_id=repr(source), texts=texts)
+
+
+def leaves(tree):
+    return jax.tree_util.tree_leaves(tree)
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+@pytest.mark.parametrize("pooling", ["first", "mean"])
+def test_head_gives_batch_by_classes_logits_for_single_texts_and_pairs(pooling):
+    cfg = EncoderConfig(vocab_size=50, hidden_dim=16, num_layers=1, num_heads=2, mlp_dim=32, max_len=16)
+    model = BertForClassification(cfg, num_classes=5, pooling=pooling)
+    ids_BxL = jnp.array([[2, 7, 8, 3, 0, 0], [2, 9, 3, 10, 11, 3]], jnp.int32)
+    segment_ids_BxL = (ids_BxL > 0).astype(jnp.int32)
+    type_ids_BxL = jnp.array([[0] * 6, [0, 0, 0, 1, 1, 1]], jnp.int32)
+    params = model.init(jax.random.key(0), ids_BxL)["params"]
+    logits_BxC = model.apply({"params": params}, ids_BxL, segment_ids=segment_ids_BxL,
+                             type_ids=type_ids_BxL)
+    assert logits_BxC.shape == (2, 5) and logits_BxC.dtype == jnp.float32
+    assert params["classifier"]["kernel"].shape == (16, 5)
+    # The pair's B-segment type ids reach the model: other type ids, other logits.
+    other = model.apply({"params": params}, ids_BxL, segment_ids=segment_ids_BxL)
+    assert np.allclose(logits_BxC[0], other[0]) and not np.allclose(logits_BxC[1], other[1])
+
+
+def test_encoding_pairs_types_and_longest_first_truncation(news, data_cache):
+    tokenizer = tokenizer_for(news, data_cache)
+    pair = data_lib.EncodingConfig(max_len=10, pad_lengths=(10,), text_mode="pair", num_texts=2)
+    ids, types = data_lib.encode_texts(tokenizer, ["ball goal team match", "bank " * 20], pair)
+    assert len(ids) == 10 and ids[0] == tokenizer.cls_id and ids[-1] == tokenizer.sep_id
+    assert list(ids).count(tokenizer.sep_id) == 2
+    first_sep = list(ids).index(tokenizer.sep_id)
+    assert set(types[:first_sep + 1]) == {0} and set(types[first_sep + 1:]) == {1}
+    assert data_lib.truncate_pair([1] * 3, [2] * 9, 6) == ([1] * 3, [2] * 3)
+    joined = data_lib.EncodingConfig(max_len=8, pad_lengths=(8,), num_texts=2)
+    ids, types = data_lib.encode_texts(tokenizer, ["ball goal", "bank " * 20], joined)
+    assert len(ids) == 8 and not types.any()
+
+
+def test_train_batches_keys_shapes_dtypes_and_exact_resume(news, data_cache):
+    config = news_config(news, data_cache, **{"data.pad_lengths": (16, 24, 32)})
+    task = build(config)
+    it = iter(task.train_data)
+    first = next(it)
+    assert sorted(first) == sorted(data_lib.BATCH_KEYS)
+    assert first["ids"].shape[0] == 8 and first["ids"].shape[1] in (16, 24, 32)
+    for key, dtype in (("ids", np.int32), ("type_ids", np.int32), ("segment_ids", np.int32),
+                       ("label", np.int32), ("weight", np.float32), ("index", np.int32)):
+        assert first[key].dtype == dtype, key
+    assert (first["weight"] == 1).all()
+    # The longest row fills the padded length up to the next allowed length.
+    longest = int(first["segment_ids"].sum(1).max())
+    assert first["ids"].shape[1] == min(n for n in (16, 24, 32) if n >= longest)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    again = iter(task.train_data)
+    again.set_state(state)
+    for want in expected:
+        got = next(again)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_eval_batches_count_every_example_exactly_once():
+    examples = [{"ids": np.arange(2 + i % 7, dtype=np.int32), "type_ids": np.zeros(2 + i % 7, np.int32),
+                 "label": i % 3, "index": i} for i in range(45)]
+    batches = list(data_lib.eval_batches(examples, global_batch=8, pad_lengths=(4, 8)))
+    assert len(batches) == 6  # 45 = 5 * 8 + 5: the last batch is padded, not dropped
+    weights = np.concatenate([b["weight"] for b in batches])
+    indices = np.concatenate([b["index"] for b in batches])[weights > 0]
+    assert weights.sum() == 45 and sorted(indices) == list(range(45))
+    assert all(b["ids"].shape == (8, b["ids"].shape[1]) for b in batches)
+    assert (batches[-1]["weight"] == 0).sum() == 3 and (batches[-1]["segment_ids"][5:] == 0).all()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_whole_split_metrics_equal_scikit_learn_on_fixed_logits(news, data_cache):
+    """A fake model with fixed logits per example; eval batch 8 over 45 rows (partial last batch)."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+    config = news_config(news, data_cache, **{"eval.batch_size": 8})
+    task = build(config)
+    dev = data_lib.open_splits(config.data, data_cache)["validation"]  # TFDS record order
+    labels_N = np.array([sorted(TOPICS).index(dev[i]["label"]) for i in range(len(dev))])
+    logits_NxC = np.random.default_rng(0).normal(size=(len(dev), 3)).astype(np.float32)
+    logits_NxC[np.arange(0, 45, 2), labels_N[::2]] += 1.5  # better than chance, not perfect
+
+    def fake_eval(params, batch, rng):
+        logits_BxC = jnp.asarray(logits_NxC)[jnp.maximum(batch["index"], 0)]
+        return {"logits": logits_BxC, "label": batch["label"], "weight": batch["weight"],
+                "index": batch["index"], "loss": optax.softmax_cross_entropy_with_integer_labels(
+                    logits_BxC, batch["label"])}
+
+    sharding = parallel.batch_sharding(parallel.make_mesh(1))
+    summary = train.evaluate(task, jax.jit(fake_eval), {}, sharding, jax.random.key(0))
+    preds_N = logits_NxC.argmax(-1)
+    probs_NxC = classify.softmax(logits_NxC)
+    assert summary["num_examples"] == 45
+    assert summary["accuracy"] == pytest.approx(accuracy_score(labels_N, preds_N))
+    for average in ("macro", "micro", "weighted"):
+        assert summary[f"f1_{average}"] == pytest.approx(f1_score(labels_N, preds_N, average=average))
+        assert summary[f"precision_{average}"] == pytest.approx(
+            precision_score(labels_N, preds_N, average=average, zero_division=0))
+        assert summary[f"recall_{average}"] == pytest.approx(recall_score(labels_N, preds_N, average=average))
+    assert summary["roc_auc_macro"] == pytest.approx(
+        roc_auc_score(labels_N, probs_NxC, multi_class="ovr", average="macro"))
+    assert summary["loss"] == pytest.approx(float(np.mean(
+        -np.log(probs_NxC[np.arange(45), labels_N]))), rel=1e-5)
+    assert 0.4 < summary["accuracy"] < 1.0  # the comparison is not trivial
+
+
+def test_class_absent_from_the_split_skips_its_roc_auc_with_a_warning(caplog, tmp_path):
+    labels_N = np.array([0, 1, 0, 1, 0])
+    probs_NxC = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.5, 0.3, 0.2], [0.6, 0.3, 0.1],
+                          [0.3, 0.3, 0.4]])
+    with caplog.at_level(logging.WARNING, logger="encoder_jax"):
+        report = metrics.classification_report(labels_N, probs_NxC, ["a", "b", "c"])
+    assert report["roc_auc_skipped"] == ["c"] and "ROC-AUC skipped" in caplog.text
+    assert report["per_class"]["c"]["roc_auc"] is None and report["per_class"]["c"]["support"] == 0
+    assert np.isfinite(report["roc_auc_macro"])
+    assert report["confusion_matrix"] == [[2, 0, 1], [1, 1, 0], [0, 0, 0]]
+    paths = metrics.write_report(report, labels_N, probs_NxC, str(tmp_path))
+    assert all(os.path.getsize(p) > 0 for p in paths)
+    assert "| c |" in open(paths[1], encoding="utf-8").read()
+
+
+def test_label_smoothing_and_padded_rows_in_the_loss():
+    logits_BxC = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [9.0, 9.0, 9.0]])
+    labels_B, weights_B = jnp.array([0, 2, 1]), jnp.array([1.0, 1.0, 0.0])
+    loss, sums = classify.classification_loss(logits_BxC, labels_B, weights_B, 0.1)
+    log_probs = jax.nn.log_softmax(logits_BxC[:2])
+    targets = np.array([[0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3], [0.1 / 3, 0.1 / 3, 0.9 + 0.1 / 3]])
+    assert float(loss) == pytest.approx(float(-(targets * log_probs).sum(-1).mean()), rel=1e-6)
+    assert float(sums["denominator"]) == 2 and float(sums["accuracy"]) == 1
+
+
+def test_augmentation_deletes_and_masks_only_regular_tokens():
+    ids_BxL = jnp.array([[2, 10, 11, 12, 13, 3, 0, 0]] * 4, jnp.int32)
+    batch = {"ids": ids_BxL, "type_ids": jnp.zeros_like(ids_BxL), "segment_ids": (ids_BxL > 0).astype(jnp.int32)}
+    specials = (0, 1, 2, 3, 4)
+    same = classify.augment_tokens(jax.random.key(0), batch, delete_rate=0.0, mask_rate=0.0,
+                                   mask_id=4, special_ids=specials)
+    assert np.array_equal(same["ids"], ids_BxL)
+    out = classify.augment_tokens(jax.random.key(1), batch, delete_rate=0.5, mask_rate=0.0,
+                                  mask_id=4, special_ids=specials)
+    for row, seg in zip(np.asarray(out["ids"]), np.asarray(out["segment_ids"])):
+        real = row[seg > 0]
+        assert real[0] == 2 and real[-1] == 3 and (row[seg == 0] == 0).all()
+        assert list(real[1:-1]) == sorted(real[1:-1])  # survivors keep their order
+    assert int(out["segment_ids"].sum()) < int(batch["segment_ids"].sum())
+    masked = classify.augment_tokens(jax.random.key(2), batch, delete_rate=0.0, mask_rate=1.0,
+                                     mask_id=4, special_ids=specials)
+    assert np.array_equal(masked["ids"][:, [0, 5]], ids_BxL[:, [0, 5]])
+    assert (masked["ids"][:, 1:5] == 4).all()
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def run_steps(task, opt_cfg, steps=3, lr_scale=None):
+    tx, schedule = optim.build_optimizer(opt_cfg, 10, task.trainable, lr_scale)
+    params = task.init_params(jax.random.key(0))
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    step = jax.jit(train.make_train_step(task, tx, schedule))
+    batches = iter(task.train_data)
+    for _ in range(steps):
+        state, sums = step(state, next(batches), jax.random.key(1))
+    return params, state, sums
+
+
+def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state(news, data_cache):
+    config = news_config(news, data_cache, **{"finetune.trainable": "top:1", "model.num_layers": 2})
+    task = build(config)
+    before, state, _ = run_steps(task, config.opt)
+    from flax import traverse_util
+
+    old, new = traverse_util.flatten_dict(before), traverse_util.flatten_dict(state["params"])
+    mask = traverse_util.flatten_dict(task.trainable(before))
+    assert any(mask.values()) and not all(mask.values())
+    for path, value in old.items():
+        if mask[path]:
+            assert path[1:2] in (("block_1",), ("pooler",)) or path[0] == "classifier", path
+        else:
+            assert np.array_equal(np.asarray(value), np.asarray(new[path])), path
+    assert any(not np.array_equal(old[p], new[p]) for p in old if mask[p])
+    trained = sum(int(np.size(old[p])) for p in old if mask[p])
+    moments = sum(int(np.size(x)) for x in leaves(state["opt_state"]) if np.ndim(x) > 0)
+    assert moments == 2 * trained  # adamw: mu and nu for trained params only
+
+
+@pytest.fixture(scope="module")
+def params_and_grads(news, data_cache):
+    """The tiny task's init params and one batch's gradients (compiled once for all optimizers)."""
+    task = build(news_config(news, data_cache))
+    params = task.init_params(jax.random.key(0))
+    grad_fn = jax.jit(jax.grad(lambda p, b: task.loss_fn(p, b, jax.random.key(1), True)[0]))
+    return params, grad_fn(params, next(iter(task.train_data)))
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop"])
+def test_each_optimizer_updates_every_parameter(news, data_cache, params_and_grads, name):
+    params, grads = params_and_grads
+    config = news_config(news, data_cache, **{"opt.name": name, "opt.warmup_steps": 0})
+    tx, _ = optim.build_optimizer(config.opt, 10)
+    state = tx.init(params)
+    new = params
+    for _ in range(2):
+        updates, state = tx.update(grads, state, new)
+        new = optax.apply_updates(new, updates)
+    changed = [not np.array_equal(a, b) for a, b in zip(leaves(params), leaves(new))]
+    assert all(np.isfinite(x).all() for x in leaves(new)) and np.mean(changed) > 0.9
+
+
+def test_layer_lr_decay_scales_updates_by_depth(params_and_grads, news, data_cache):
+    scale = optim.layer_lr_decay_scale(0.5, num_layers=2)
+    assert scale(("encoder", "token_embed", "embedding")) == 0.125
+    assert scale(("encoder", "block_0", "mlp", "wi", "kernel")) == 0.25
+    assert scale(("encoder", "block_1", "mlp", "wi", "kernel")) == 0.5
+    assert scale(("encoder", "pooler", "kernel")) == 1.0 and scale(("classifier", "bias")) == 1.0
+    params, _ = params_and_grads
+    config = news_config(news, data_cache, **{"opt.name": "sgd", "opt.learning_rate": 0.1,
+                                              "opt.warmup_steps": 0, "opt.schedule": "constant",
+                                              "opt.grad_clip_norm": 0.0})
+    ones = jax.tree_util.tree_map(jnp.ones_like, params)
+    # One block (num_layers=1 here): embeddings 0.25, block_0 0.5, head 1; frozen: no update.
+    tx, _ = optim.build_optimizer(config.opt, 10, lambda p: optim.trainable_mask(p, "re:block_0|classifier"),
+                                  optim.layer_lr_decay_scale(0.5, num_layers=1))
+    updates, _ = tx.update(ones, tx.init(params), params)
+    assert np.allclose(updates["encoder"]["block_0"]["mlp"]["wi"]["kernel"], -0.05)
+    assert np.allclose(updates["classifier"]["kernel"], -0.1)
+    assert not np.asarray(updates["encoder"]["token_embed"]["embedding"]).any()
