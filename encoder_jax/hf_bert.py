@@ -228,10 +228,9 @@ def read_tensors(directory: str) -> tuple[dict[str, np.ndarray], str]:
 def _read_file(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file
 
         try:
-            return load_file(path)
+            return _read_safetensors(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     try:
@@ -244,6 +243,13 @@ def _read_file(path: str) -> dict[str, np.ndarray]:
     except Exception as e:  # torch raises several types for corrupt or unsafe pickles
         raise ValueError(f"{path}: not a loadable tensor file with weights_only=True: {e}") from None
     return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    import ml_dtypes  # noqa: F401  (a jax dependency) registers bfloat16 with numpy for bf16 checkpoints
+    from safetensors.numpy import load_file
+
+    return load_file(path)
 
 
 def write_tensors(tensors: dict[str, np.ndarray], path: str) -> None:

@@ -22,7 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from encoder_jax import hf_bert, interop  # noqa: E402
+from encoder_jax import interop  # noqa: E402
 from encoder_jax.data.wordpiece import WordPieceTokenizer  # noqa: E402
 from encoder_jax.layers import EncoderConfig  # noqa: E402
 from encoder_jax.models import BertEncoder, BertForClassification, BertForMaskedLM  # noqa: E402
@@ -430,3 +430,29 @@ def test_export_reads_a_classification_workdir(tmp_path):
     assert interop.main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
     exported = json.loads((tmp_path / "out" / "config.json").read_text())
     assert exported["id2label"] == {"0": "no", "1": "yes"} and exported["hidden_act"] == "gelu_new"
+
+
+def test_bfloat16_safetensors_import_exactly(tmp_path):
+    model = make_hf_dir(tmp_path, "BertForMaskedLM").to(torch.bfloat16)
+    model.save_pretrained(str(tmp_path))
+    bert = interop.import_hf(str(tmp_path))
+    kernel = bert.params["encoder"]["block_1"]["mlp"]["wo"]["kernel"]
+    expected = model.bert.encoder.layer[1].output.dense.weight.detach().float().numpy().T
+    assert kernel.dtype == np.float32 and np.array_equal(kernel, expected)
+
+
+def test_safetensors_import_needs_no_torch(tmp_path):
+    """The core path (safetensors + vocab.txt) runs with torch and transformers unimportable."""
+    import subprocess
+    import sys
+
+    make_hf_dir(tmp_path)
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "from encoder_jax import interop\n"
+            f"bert = interop.import_hf({str(tmp_path)!r})\n"
+            "assert bert.tokenizer.encode('hello world') == [13, 14]\n"
+            f"interop.export_hf(bert.params, bert.config, {str(tmp_path / 'out')!r}, tokenizer=bert.tokenizer)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert os.path.isfile(tmp_path / "out" / "model.safetensors")
