@@ -67,14 +67,23 @@ class Checkpointer:
 
 
 def load_params(workdir: str, step: int | None = None) -> Any:
-    """The `params` of another run's checkpoint, as host arrays (for `init_from`)."""
+    """The `params` of another run's checkpoint on this process's first device (for `init_from`).
+
+    Works whatever mesh saved it: every array is restored whole onto one device.
+    """
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"init_from={workdir!r} has no {CHECKPOINT_DIR}/ directory")
     manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
     step = manager.latest_step() if step is None else step
+    manager.close()
     if step is None:
         raise FileNotFoundError(f"init_from={workdir!r} holds no finished checkpoint")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    manager.close()
-    return jax.tree_util.tree_map(lambda x: x, restored["state"]["params"])
+    path = os.path.join(directory, str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(path)
+    tree = getattr(metadata, "item_metadata", None) or metadata
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), tree)
+    return checkpointer.restore(path, target)["params"]

@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import gzip
 import hashlib
-import io
 import json
 import os
 import pathlib
@@ -43,13 +42,6 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------- file readers
-
-
-def _open_text(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist")
-    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
 
 
 def _checked_lines(path: str) -> Iterator[str]:
@@ -339,11 +331,7 @@ def infer_format(paths: Sequence[str]) -> str:
         return "csv"
     if name.endswith(".tsv"):
         return "tsv"
-    with _open_text(paths[0]) as f:
-        try:
-            head = f.read(4096)
-        except UnicodeDecodeError as e:
-            raise DataError(f"data file {paths[0]!r} is not UTF-8: {e.reason}") from None
+    head = next((line for line in _checked_lines(paths[0]) if line.strip()), "")
     return "wikiextractor" if head.lstrip().startswith("<doc") else "lines"
 
 

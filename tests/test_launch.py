@@ -1,0 +1,115 @@
+"""launch.py end to end: every experiment's smoke variant trains, resumes; bad input fails in one line."""
+
+import glob
+import gzip
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
+
+
+def launch(*args, env=None, timeout=600):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    return {"ENCODER_JAX_DATA_DIR": str(tmp_path_factory.mktemp("launch_cache"))}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=os.path.basename)
+def test_smoke_variant_trains_and_resumes(experiment, tmp_path, cache_env):
+    workdir = str(tmp_path / "run")
+    first = launch("--config", f"{experiment}:smoke", "--workdir", workdir, env=cache_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        before = f.read()
+    again = launch("--config", f"{experiment}:smoke", "--workdir", workdir,
+                   "--config.train.num_steps=3", env=cache_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "at step 2" in again.stderr
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        after = f.read()
+    assert after.startswith(before) and '"step": 3' in after[len(before):]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+
+
+def _last_line(result):
+    return result.stderr.strip().splitlines()[-1]
+
+
+MLM = os.path.join(ROOT, "experiments", "bert_mlm.py")
+
+
+def test_unknown_config_key_names_it_and_the_choices(tmp_path):
+    result = launch("--config", f"{MLM}:smoke", "--workdir", str(tmp_path), "--config.opt.nme=sgd")
+    assert result.returncode == 1
+    line = _last_line(result)
+    assert line.startswith("error: unknown config key 'opt.nme'") and "'name'" in line
+
+
+def test_unknown_variant_names_the_choices(tmp_path):
+    result = launch("--config", f"{MLM}:huge", "--workdir", str(tmp_path))
+    assert result.returncode == 1
+    assert _last_line(result) == ("error: bert_mlm variant 'huge'; valid: "
+                                  "['default', 'smoke', 'small', 'base', 'large']")
+
+
+def _tiny_corpus(tmp_path, text="a b c d e f g h\n" * 50):
+    train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train.write_text(text, encoding="utf-8")
+    valid.write_text(text, encoding="utf-8")
+    return [f"--config.data.files.train={train}", f"--config.data.files.validation={valid}",
+            "--config.tokenizer.vocab_size=30"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.opt.name=adamx", "error: opt.name='adamx'; valid: ['sgd', "),
+    ("--config.model.activation=swish", "error: model.activation='swish'; valid: "),
+    ("--config.data.seq_len=1024", "error: data.seq_len=1024 exceeds model.max_len=64"),
+])
+def test_bad_values_fail_in_one_line_and_keep_what_was_written(tmp_path, cache_env, override, message):
+    workdir = tmp_path / "run"
+    ok = launch("--config", f"{MLM}:smoke", "--workdir", str(workdir), *_tiny_corpus(tmp_path),
+                env=cache_env)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    before = sorted(os.listdir(workdir / "checkpoints")), (workdir / "metrics.jsonl").read_text()
+    bad = launch("--config", f"{MLM}:smoke", "--workdir", str(workdir), *_tiny_corpus(tmp_path),
+                 "--config.train.num_steps=4", override, env=cache_env)
+    assert bad.returncode == 1
+    assert _last_line(bad).startswith(message), bad.stderr[-2000:]
+    assert (sorted(os.listdir(workdir / "checkpoints")), (workdir / "metrics.jsonl").read_text()) == before
+
+
+def test_missing_non_utf8_and_too_small_data(tmp_path, cache_env):
+    missing = launch("--config", f"{MLM}:smoke", "--workdir", str(tmp_path / "a"),
+                     f"--config.data.files.train={tmp_path}/nope.txt", env=cache_env)
+    assert _last_line(missing) == f"error: data.files.train: '{tmp_path}/nope.txt' does not exist"
+    bad = tmp_path / "bad.txt.gz"
+    with gzip.open(bad, "wb") as f:
+        f.write(b"fine\n\xc3\x28 broken\n")
+    result = launch("--config", f"{MLM}:smoke", "--workdir", str(tmp_path / "b"),
+                    f"--config.data.files.train={bad}", f"--config.data.files.validation={bad}",
+                    env=cache_env)
+    assert result.returncode == 1
+    assert _last_line(result).startswith(f"error: data file '{bad}' is not UTF-8 at line 2")
+    small = launch("--config", f"{MLM}:smoke", "--workdir", str(tmp_path / "c"),
+                   *_tiny_corpus(tmp_path, "tiny text here\n" * 3), env=cache_env)
+    assert small.returncode == 1
+    assert "fewer than one batch of data.batch_size x data.seq_len = 256" in _last_line(small)
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = launch("--config", f"{MLM}:smoke", "--workdir", str(blocker / "run"))
+    assert result.returncode == 1
+    assert _last_line(result).startswith(f"error: --workdir '{blocker}/run' is not writable")
