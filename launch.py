@@ -57,13 +57,49 @@ def main(argv):
     print("final eval:", {k: round(v, 4) for k, v in result.items()})
 
 
+def check_config_overrides(argv: list[str]) -> None:
+    """Fails early, in one line, on a bad variant or an unknown `--config.a.b` key."""
+    import importlib.util
+
+    spec_arg = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            spec_arg = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec_arg = argv[i + 1]
+    if spec_arg is None:
+        return
+    path, _, variant = spec_arg.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location("experiment_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant or None)
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=", 1)[0]
+        node, walked = config, []
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                parent = ".".join(walked) or "config"
+                valid = sorted(node.keys()) if hasattr(node, "keys") else []
+                raise KeyError(f"unknown config key {key!r}: {parent!r} has no {part!r}; "
+                               f"valid: {valid}")
+            node = node[part]
+            walked.append(part)
+
+
 def run_main():
     try:
+        check_config_overrides(sys.argv[1:])
         app.run(main)
     except USER_ERRORS as e:
         if os.environ.get("ENCODER_JAX_TRACEBACK"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
 
 
