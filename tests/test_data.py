@@ -126,3 +126,30 @@ def test_epochs_are_reshuffled(tokenizer):
     it = iter(data)
     rows = [next(it)["ids"][0] for _ in range(20)]
     assert len({r.tobytes() for r in rows}) > 8
+
+
+def test_worker_processes_give_the_same_batches_and_resume(tokenizer):
+    make = lambda workers: pipeline.mlm_train_dataset(
+        _source(make_documents(30)), tokenizer, seq_len=16, batch_size=2, seed=3, workers=workers)
+    inline = iter(make(0))
+    expected = [next(inline)["ids"] for _ in range(6)]
+    parallel_it = iter(make(1))
+    for want in expected[:3]:
+        np.testing.assert_array_equal(next(parallel_it)["ids"], want)
+    state = parallel_it.get_state()
+    resumed = iter(make(1))
+    resumed.set_state(state)
+    for want in expected[3:]:
+        np.testing.assert_array_equal(next(resumed)["ids"], want)
+
+
+def test_bpe_tokenizer_trains_with_the_special_tokens():
+    bpe = SentencePieceTokenizer.train(make_documents(100), vocab_size=150, model_type="bpe")
+    assert (bpe.cls_id, bpe.mask_id) == (2, 4) and bpe.vocab_size == 150
+    with pytest.raises(ValueError, match="tokenizer.model_type='wordpiece'; valid"):
+        SentencePieceTokenizer.train(["x"], vocab_size=10, model_type="wordpiece")
+
+
+def test_unknown_catalog_dataset_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="data.name='no_such_dataset_xyz' could not be loaded"):
+        sources.catalog_sources("no_such_dataset_xyz", {"train": "train"}, str(tmp_path))

@@ -130,3 +130,14 @@ def test_schedule_warms_up_then_decays():
     assert float(schedule(55)) == pytest.approx(0.5) and float(schedule(100)) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="opt.schedule='step'; valid"):
         optim.learning_rate_schedule(1.0, 10, 0, "step")
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_good_checkpoints(corpus_files, data_cache, tmp_path):
+    config = tiny_config(corpus_files, data_cache, **{
+        "train.num_steps": 8, "ckpt.every_steps": 1, "opt.name": "sgd", "opt.grad_clip_norm": 0.0,
+        "opt.learning_rate": 1e30, "opt.warmup_steps": 0, "opt.schedule": "constant"})
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step"):
+        train.run(config, str(tmp_path))
+    for step in checkpoint.Checkpointer(str(tmp_path)).manager.all_steps():
+        params = jax.tree_util.tree_leaves(checkpoint.load_params(str(tmp_path), step))
+        assert all(np.isfinite(p).all() for p in params), f"checkpoint {step} holds non-finite values"

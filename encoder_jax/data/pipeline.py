@@ -60,9 +60,18 @@ def mlm_train_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size:
     dataset = dataset.shuffle(seed=seed).repeat().map(TokenizeDocument(tokenizer, text_field))
     dataset = _pack(dataset.to_iter_dataset(), seq_len).batch(batch_size, drop_remainder=True)
     if workers > 0:
+        _ensure_absl_flags_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=prefetch))
     return dataset
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; outside launch.py (notebooks, tests) use defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
