@@ -24,7 +24,8 @@ from encoder_jax.tasks.base import Task
 
 log = logging.getLogger("encoder_jax")
 
-TASKS = {"mlm": "encoder_jax.tasks.mlm"}
+TASKS = {"mlm": "encoder_jax.tasks.mlm", "classify": "encoder_jax.tasks.classify"}
+BEST_DIR = "best"  # <workdir>/best: params of the best evaluation (eval.best_metric)
 
 
 def build_task(config, workdir: str | None) -> Task:
@@ -110,16 +111,120 @@ def check_workdir(workdir: str) -> None:
         raise PermissionError(f"--workdir {workdir!r} is not writable: {e.strerror}") from None
 
 
+def to_host(tree: Any) -> Any:
+    """A pytree of global arrays as host numpy (gathered from every process)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def evaluate(task: Task, eval_step, params, batch_sharding, eval_key) -> dict[str, float]:
-    """Runs the whole held-out split; sums stay on device until the end."""
-    totals = None
-    for index, host_batch in enumerate(task.eval_batches()):
-        sums = eval_step(params, parallel.put_batch(host_batch, batch_sharding),
+    """Runs the whole held-out split; sums stay on device until the end.
+
+    A task with `summarize_eval` gets every batch's outputs on the host instead
+    (per-example predictions for metrics that do not decompose into sums).
+    """
+    outputs = (eval_step(params, parallel.put_batch(host_batch, batch_sharding),
                          jax.random.fold_in(eval_key, index))
+               for index, host_batch in enumerate(task.eval_batches()))
+    if task.summarize_eval is not None:
+        return task.summarize_eval(to_host(out) for out in outputs)
+    totals = None
+    for sums in outputs:
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     if totals is None:
         raise ValueError("the evaluation split yields no batch")
     return task.summarize({k: np.asarray(jax.device_get(v), np.float64) for k, v in totals.items()})
+
+
+def metric_mode(metric: str, mode: str = "auto") -> str:
+    """'max' or 'min': 'auto' minimises losses, perplexities and error rates."""
+    if mode not in ("auto", "max", "min"):
+        raise ValueError(f"eval.best_mode={mode!r}; valid: auto, max, min")
+    if mode != "auto":
+        return mode
+    return "min" if any(w in metric for w in ("loss", "perplexity", "error")) else "max"
+
+
+class BestKeeper:
+    """Keeps the params of the best evaluation by `eval.best_metric` and decides early stopping.
+
+    The best params go to <workdir>/best (an Orbax checkpoint `load_params` reads);
+    best.json records the metric, best step/value and evaluations since, so a
+    resumed run keeps counting. `eval.early_stop_patience` = evaluations without
+    improvement before stopping (0 / None: never).
+    """
+
+    def __init__(self, workdir: str, eval_cfg, is_lead: bool):
+        self.metric = eval_cfg.get("best_metric")
+        self.mode = metric_mode(self.metric or "", eval_cfg.get("best_mode", "auto"))
+        self.patience = eval_cfg.get("early_stop_patience") or 0
+        self.is_lead = is_lead
+        self.path = os.path.join(workdir, "best.json")
+        self.record = {"metric": self.metric, "mode": self.mode, "step": None, "value": None,
+                       "evals_since_best": 0, "stopped": False}
+        if self.metric and os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                saved = json.load(f)
+            if (saved.get("metric"), saved.get("mode")) == (self.metric, self.mode):
+                self.record = saved
+        self.checkpointer = (checkpoint_lib.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1,
+                                                         use_async=False) if self.metric else None)
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.record["stopped"])
+
+    def update(self, step: int, summary: dict[str, float], params: Any) -> bool:
+        """Records one evaluation; saves params if it is the best so far (returns True then)."""
+        if not self.metric:
+            return False
+        if self.metric not in summary:
+            raise ValueError(f"eval.best_metric={self.metric!r} is not an evaluation metric; "
+                             f"valid: {sorted(summary)}")
+        value, best = float(summary[self.metric]), self.record["value"]
+        improved = best is None or (value > best if self.mode == "max" else value < best)
+        if improved:
+            self.record.update(step=step, value=value, evals_since_best=0)
+            if self.checkpointer.latest_step() != step:
+                self.checkpointer.save(step, {"params": params}, force=True)
+        else:
+            self.record["evals_since_best"] += 1
+        self.record["stopped"] = bool(self.patience and self.record["evals_since_best"] >= self.patience)
+        if self.record["stopped"]:
+            log.info("early stopping at step %d: %s has not improved on %.4f (step %d) for %d "
+                     "evaluations", step, self.metric, self.record["value"], self.record["step"],
+                     self.patience)
+        if self.is_lead:
+            with open(self.path, "w", encoding="utf-8") as f:
+                json.dump(self.record, f, indent=2)
+        return improved
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+
+
+def load_trained_params(workdir: str) -> Any:
+    """A finished run's params: the best evaluation's (<workdir>/best) if kept, else the latest."""
+    best = os.path.join(workdir, BEST_DIR)
+    source = best if os.path.isdir(os.path.join(best, checkpoint_lib.CHECKPOINT_DIR)) else workdir
+    if not os.path.isdir(os.path.join(source, checkpoint_lib.CHECKPOINT_DIR)):
+        raise FileNotFoundError(f"--workdir {workdir!r} holds no checkpoint: train there first")
+    log.info("loading params from %s", source)
+    return checkpoint_lib.load_params(source)
+
+
+def predict(config, workdir: str) -> str:
+    """--mode predict: the task module's `predict(config, workdir, params)`; returns the output path."""
+    if config.task not in TASKS:
+        raise ValueError(f"task={config.task!r}; valid: {sorted(TASKS)}")
+    module = importlib.import_module(TASKS[config.task])
+    if not hasattr(module, "predict"):
+        raise ValueError(f"task={config.task!r} has no predict mode")
+    return module.predict(config, workdir, load_trained_params(workdir))
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -129,7 +234,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     mesh = parallel.make_mesh(config.mesh.fsdp)
     task = build_task(config, workdir)
     num_steps = config.train.num_steps
-    tx, schedule = optim.build_optimizer(config.opt, num_steps, task.trainable)
+    tx, schedule = optim.build_optimizer(config.opt, num_steps, task.trainable, task.lr_scale)
 
     def init_state(rng):
         params = task.init_params(rng)
@@ -163,13 +268,29 @@ def run(config, workdir: str) -> dict[str, Any]:
     num_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(abstract["params"]))
     log.info("task %s: %s parameters, %d devices, mesh %s", task.name, f"{num_params:,}",
                  jax.device_count(), dict(mesh.shape))
+    if task.trainable is not None:
+        mask = jax.tree_util.tree_leaves(task.trainable(abstract["params"]))
+        trained = sum(int(np.prod(a.shape)) for a, m in zip(
+            jax.tree_util.tree_leaves(abstract["params"]), mask) if m)
+        log.info("training %s of %s parameters (%.1f%%); the rest are frozen", f"{trained:,}",
+                 f"{num_params:,}", 100.0 * trained / max(num_params, 1))
 
     train_step = make_train_step(task, tx, schedule, config.opt.get("grad_accum_steps", 1))
     example = parallel.put_batch(task.example_batch, batch_sharding)
-    compiled = jax.jit(train_step, in_shardings=(shardings, batch_sharding, None),
-                       out_shardings=(shardings, None), donate_argnums=0
-                       ).lower(state, example, train_key).compile()
-    flops_per_step = compiled_flops(compiled)
+    step_fn = jax.jit(train_step, in_shardings=(shardings, batch_sharding, None),
+                      out_shardings=(shardings, None), donate_argnums=0)
+    compiled_steps: dict[tuple, Any] = {}
+
+    def compiled_for(batch):
+        """The step compiled once per batch shape (tasks may pad to a few fixed lengths)."""
+        signature = tuple(sorted((k, v.shape) for k, v in batch.items()))
+        if signature not in compiled_steps:
+            compiled_steps[signature] = step_fn.lower(abstract, batch, train_key).compile()
+        return compiled_steps[signature]
+
+    keeper = BestKeeper(workdir, config.eval, is_lead)
+    # The example has the largest batch shape; a run that stopped early compiles nothing.
+    flops_per_step = None if keeper.stopped else compiled_flops(compiled_for(example))
     peak = config.train.get("peak_flops_per_device") or measure_peak_flops()
     eval_step = jax.jit(task.eval_fn or (lambda p, b, r: task.loss_fn(p, b, r, False)[1]),
                         in_shardings=(shardings["params"], batch_sharding, None))
@@ -220,10 +341,15 @@ def run(config, workdir: str) -> dict[str, Any]:
             pending = None
 
     try:
-        for step in range(start, num_steps):
+        stop_after = config.train.get("max_steps_per_run")
+        last = num_steps if not stop_after else min(num_steps, start + stop_after)
+        for step in range(start, last):
+            if keeper.stopped:
+                break
             host_batch = next(train_iter)
             tokens = task.tokens_in_batch(host_batch)
-            state, metrics = compiled(state, parallel.put_batch(host_batch, batch_sharding), train_key)
+            batch = parallel.put_batch(host_batch, batch_sharding)
+            state, metrics = compiled_for(batch)(state, batch, train_key)
             flush()
             pending = (step + 1, metrics, tokens)
             done = step + 1
@@ -235,12 +361,17 @@ def run(config, workdir: str) -> dict[str, Any]:
                              {k: round(v, 4) for k, v in final_eval.items()})
                 if task.on_eval is not None and is_lead:
                     task.on_eval(done, final_eval)
+                if keeper.update(done, final_eval, state["params"]) and task.on_best and is_lead:
+                    task.on_best(done, final_eval)
+                if keeper.stopped:  # early stopping: checkpoint this step, then leave the loop
+                    last = done
                 window["t0"] = time.perf_counter()  # keep eval time out of throughput
-            if done % ckpt_every == 0 or done == num_steps:
+            if done % ckpt_every == 0 or done == last:
                 flush()
-                checkpointer.save(done, state, train_iter, force=done == num_steps)
+                checkpointer.save(done, state, train_iter, force=done == last)
         flush()
-        if not final_eval and task.eval_batches is not None:  # resumed a finished run
+        finished = int(state["step"]) >= num_steps or keeper.stopped
+        if finished and not final_eval and task.eval_batches is not None:  # resumed a finished run
             final_eval = evaluate(task, eval_step, state["params"], batch_sharding, eval_key)
     except KeyboardInterrupt:
         step_now = int(state["step"])
@@ -249,10 +380,12 @@ def run(config, workdir: str) -> dict[str, Any]:
         raise
     finally:
         checkpointer.close()
+        keeper.close()
         writer.close()
         progress.close()
     if is_lead:
         reporting.plot_curves(workdir)
+    if is_lead and finished:
         with open(os.path.join(workdir, "final_eval.json"), "w", encoding="utf-8") as f:
-            json.dump({"step": num_steps, **final_eval}, f, indent=2)
+            json.dump({"step": int(state["step"]), **final_eval}, f, indent=2)
     return final_eval

@@ -327,3 +327,174 @@ def test_layer_lr_decay_scales_updates_by_depth(params_and_grads, news, data_cac
     assert np.allclose(updates["encoder"]["block_0"]["mlp"]["wi"]["kernel"], -0.05)
     assert np.allclose(updates["classifier"]["kernel"], -0.1)
     assert not np.asarray(updates["encoder"]["token_embed"]["embedding"]).any()
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def read_metrics(workdir, split):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def test_smoke_variant_runs_resumes_reports_and_predicts(news, data_cache, tmp_path):
+    workdir = str(tmp_path / "run")
+    overrides = {"eval.every_steps": 2, "ckpt.every_steps": 2}
+    first = train.run(news_config(news, data_cache, **overrides, **{"train.num_steps": 2}), workdir)
+    config = news_config(news, data_cache, **overrides, **{"train.num_steps": 4})
+    result = train.run(config, workdir)  # resumes at step 2
+    assert [r["step"] for r in read_metrics(workdir, "train")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(workdir, "eval")] == [2, 4]
+    assert checkpoint.Checkpointer(workdir).latest_step() == 4
+    assert json.load(open(os.path.join(workdir, "final_eval.json")))["step"] == 4
+    assert result["num_examples"] == first["num_examples"] == 45
+    for name in ("report/report.json", "report/report.md", "report/confusion_matrix.png",
+                 "report/roc_curves.png", "report_best/report.json", "best.json", "labels.json",
+                 "model.json", "tokenizer.model"):
+        assert os.path.isfile(os.path.join(workdir, name)), name
+    report = json.load(open(os.path.join(workdir, "report", "report.json")))
+    assert report["step"] == 4 and sum(map(sum, report["confusion_matrix"])) == 45
+    assert json.load(open(os.path.join(workdir, "labels.json")))["names"] == sorted(TOPICS)
+
+    jsonl = tmp_path / "new.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"title": t, "body": b}) for t, b, _ in make_rows(5, 9)) + "\n")
+    config.predict.input, config.predict.output = str(jsonl), str(tmp_path / "out.jsonl")
+    lines = [json.loads(x) for x in open(train.predict(config, workdir), encoding="utf-8")]
+    assert [x["index"] for x in lines] == list(range(5))
+    for line in lines:
+        assert line["label"] in TOPICS and abs(sum(line["probabilities"].values()) - 1) < 1e-4
+        assert line["label"] == max(line["probabilities"], key=line["probabilities"].get)
+    config.predict.input = write_csv(tmp_path / "new.csv", make_rows(3, 9))
+    assert len(open(train.predict(config, workdir)).readlines()) == 3
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(news, data_cache, tmp_path):
+    workdir = str(tmp_path / "stop")
+    config = news_config(news, data_cache, **{
+        "opt.learning_rate": 0.0, "train.num_steps": 8, "eval.every_steps": 1, "ckpt.every_steps": 8,
+        "eval.early_stop_patience": 1, "eval.best_metric": "loss"})
+    train.run(config, workdir)
+    best = json.load(open(os.path.join(workdir, "best.json")))
+    assert best["stopped"] and best["step"] == 1 and best["mode"] == "min"
+    assert json.load(open(os.path.join(workdir, "final_eval.json")))["step"] == 2
+    assert checkpoint.Checkpointer(os.path.join(workdir, train.BEST_DIR)).latest_step() == 1
+    train.run(config, workdir)  # a stopped run does not train on
+    assert [r["step"] for r in read_metrics(workdir, "train")][-1] == 2
+
+
+def make_mlm_workdir(path, tokenizer):
+    """An MLM run's workdir as train.run leaves it (config.json, tokenizer.model, checkpoint)."""
+    import bert_mlm
+    from encoder_jax.models import BertForMaskedLM
+    from encoder_jax.tasks.mlm import encoder_config
+
+    config = bert_mlm.get_config("smoke")
+    os.makedirs(path)
+    tokenizer.save(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort())
+    model = BertForMaskedLM(encoder_config(config.model, tokenizer.vocab_size))
+    params = model.init(jax.random.key(7), jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 2), jnp.int32))
+    params = jax.tree_util.tree_map(lambda x: x + 0.5, params["params"])  # unlike any fresh init
+    saver = checkpoint.Checkpointer(path, keep=1, use_async=False)
+    saver.save(3, {"step": jnp.asarray(3, jnp.int32), "params": params}, force=True)
+    saver.close()
+    return params
+
+
+def test_init_from_restores_the_mlm_encoder_and_tokenizer_exactly(data_cache, news, tmp_path):
+    mlm_dir = str(tmp_path / "mlm")
+    want = make_mlm_workdir(mlm_dir, tokenizer_for(news, data_cache))["encoder"]
+    workdir = str(tmp_path / "cls")
+    config = news_config(news, data_cache, **{"init_from": mlm_dir, "opt.learning_rate": 0.0,
+                                              "train.num_steps": 1, "eval.best_metric": None})
+    train.run(config, workdir)
+    got = checkpoint.load_params(workdir)["encoder"]
+    assert jax.tree_util.tree_structure(want) == jax.tree_util.tree_structure(got)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(want), leaves(got)))
+    assert open(os.path.join(workdir, "tokenizer.model"), "rb").read() == \
+        open(os.path.join(mlm_dir, "tokenizer.model"), "rb").read()
+    mlm_model = json.load(open(os.path.join(mlm_dir, "config.json")))["model"]
+    recorded = json.load(open(os.path.join(workdir, "model.json")))["encoder"]
+    assert all(recorded[k] == mlm_model[k] for k in ("hidden_dim", "num_layers", "mlp_dim", "max_len"))
+
+    clash = news_config(news, data_cache, **{"init_from": mlm_dir, "model.hidden_dim": 64})
+    with pytest.raises(ValueError, match=r"model.hidden_dim=64 but init_from=.* has hidden_dim=32"):
+        build(clash, str(tmp_path / "clash"))
+    from encoder_jax import pretrained
+
+    params = build(news_config(news, data_cache)).init_params(jax.random.key(0))
+    wrong = jax.tree_util.tree_map(lambda x: np.zeros((x.shape[0] + 1, *x.shape[1:])), want)
+    with pytest.raises(ValueError, match=r"token_embed/embedding has shape .*vocab or hidden size differ"):
+        pretrained.graft_encoder(params, wrong, "init_from='x'")
+
+
+def test_sweep_runs_by_index_then_completes_its_tables(news, data_cache, tmp_path):
+    config = news_config(news, data_cache, **{
+        "train.num_steps": 2, "eval.every_steps": 2, "ckpt.every_steps": 2,
+        "sweep.grid": '{"opt.learning_rate": [0.001, 0.002]}'})
+    sweep_dir = str(tmp_path / "sweep")
+    config.sweep.index = 1  # one run, as a cluster task would
+    search.search(config, sweep_dir, "sweep")
+    assert os.path.isfile(os.path.join(sweep_dir, "point_01", "seed_0", "final_eval.json"))
+    assert not os.path.exists(os.path.join(sweep_dir, "point_00", "seed_0", "final_eval.json"))
+    assert "| 0 | opt.learning_rate=0.001 | 0/1 |" in open(os.path.join(sweep_dir, "results.md")).read()
+    config.sweep.index = None
+    summary = search.search(config, sweep_dir, "sweep")  # runs point 0, reuses point 1
+    assert [p["runs"] for p in summary["points"]] == [1, 1] and summary["best"] is not None
+    table = list(csv.DictReader(open(os.path.join(sweep_dir, "results.csv"))))
+    assert [r["setting"] for r in table] == ["opt.learning_rate=0.001", "opt.learning_rate=0.002"]
+    assert "**Best setting:**" in open(os.path.join(sweep_dir, "results.md")).read()
+
+
+def test_cross_validation_holds_out_each_stratified_fold_once(news, data_cache, tmp_path):
+    cv_dir = str(tmp_path / "cv")
+    config = news_config(news, data_cache, **{
+        "train.num_steps": 2, "eval.every_steps": 2, "ckpt.every_steps": 2, "cv.folds": 2,
+        "data.max_train_examples": 60})
+    config.data.files.validation = None  # cross-validation needs no held-out file
+    summary = search.search(config, cv_dir, "cv")
+    sizes = [json.load(open(os.path.join(cv_dir, "point_00", f"fold_{k}", "final_eval.json")))["num_examples"]
+             for k in range(2)]
+    assert sizes == [30, 30]
+    mean, std = summary["points"][0]["metrics"]["accuracy"]
+    runs = list(csv.DictReader(open(os.path.join(cv_dir, "runs.csv"))))
+    accs = [float(r["accuracy"]) for r in runs]
+    assert mean == pytest.approx(np.mean(accs)) and std == pytest.approx(np.std(accs, ddof=1))
+    assert " ± " in open(os.path.join(cv_dir, "results.md")).read()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("rows, overrides, message", [
+    ([["a b", "c d", "7"]], {"data.label_format": "index", "data.num_classes": 3},
+     r"label '7' is out of range; valid: 0..2"),
+    ([["a b", "c d", "weather"]], {"data.classes_file": "CLASSES"},
+     r"unknown label name 'weather'; valid: \['money', 'sports', 'tech'\]"),
+    ([["  ", "", "tech"]], {}, r"record \d+: text field text_0 is empty"),
+    ([["a b", "c d", "tech"]], {"data.label_field": "category"}, r"has no column 'category'"),
+    ([["a b", "c d", "tech"]], {"data.text_mode": "pair", "data.text_fields": "title"},
+     r"text_mode='pair' needs two or more data.text_fields"),
+    ([["a b", "c d", "tech"]], {"finetune.trainable": "middle"}, r"finetune.trainable='middle'; valid"),
+])
+def test_bad_inputs_fail_with_a_clear_message(news, data_cache, tmp_path, rows, overrides, message):
+    good = [[" ".join(TOPICS[t].split()[:3]), "x y", t] for t in TOPICS] * 3
+    if overrides.get("data.label_format") == "index":
+        good = [[a, b, str(i % 3)] for i, (a, b, _) in enumerate(good)]
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(sorted(TOPICS)) + "\n")
+    overrides = {k: (str(classes) if v == "CLASSES" else v) for k, v in overrides.items()}
+    config = news_config(news, data_cache, **overrides)
+    config.data.files.train = write_csv(tmp_path / "bad.csv", good + rows)
+    with pytest.raises((DataError, ValueError), match=message):
+        build(config)
+
+
+def test_bad_sweep_grids_name_the_field(news, data_cache, tmp_path):
+    config = news_config(news, data_cache, **{"sweep.grid": '{"opt.learning_rat": [1]}'})
+    with pytest.raises(ValueError, match=r"'opt.learning_rat' is not a config field"):
+        search.search(config, str(tmp_path), "sweep")
+    config.sweep.grid = "{lr: 1}"
+    with pytest.raises(ValueError, match=r"sweep.grid is not JSON"):
+        search.plan(config, str(tmp_path), "sweep")

@@ -220,8 +220,6 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
             raise ValueError("set init_from or tokenizer.model_file, not both: the pretrained "
                              "run's tokenizer is used")
         tokenizer = pretrained.tokenizer
-        if workdir:
-            tokenizer.save(workdir)
     else:
         def texts():
             for i in range(len(full_train)):
@@ -243,6 +241,9 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
                          f"tokenizer vocab {tokenizer.vocab_size}")
     pooling = config.model.get("pooling", "first")
     if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        if pretrained is not None:
+            tokenizer.save(workdir)
         data_lib.record_label_space(labels, workdir)
         with open(os.path.join(workdir, MODEL_FILE), "w", encoding="utf-8") as f:
             json.dump(model_record(model_cfg, labels.num_classes, pooling), f, indent=2)
