@@ -236,7 +236,9 @@ def local_files_sources(spec: LocalFilesSpec, data_dir: str | None = None) -> di
     except (DataError, FileNotFoundError):
         raise
     sources = builder.as_data_source()
-    return {split: DecodedSource(sources[split], f"{split}:{','.join(spec.splits[split])}")
+    # The fingerprint (paths, sizes, mtimes, options) makes the name a cache key for tokenizers.
+    return {split: DecodedSource(sources[split], f"{split}:{','.join(spec.splits[split])}"
+                                                 f"@{spec.fingerprint()}")
             for split in spec.splits}
 
 
