@@ -212,9 +212,12 @@ class BestKeeper:
 
 def load_trained_params(workdir: str) -> Any:
     """A finished run's params: the best evaluation's (<workdir>/best) if kept, else the latest."""
-    best = os.path.join(workdir, BEST_DIR)
-    source = best if os.path.isdir(os.path.join(best, checkpoint_lib.CHECKPOINT_DIR)) else workdir
-    if not os.path.isdir(os.path.join(source, checkpoint_lib.CHECKPOINT_DIR)):
+    def has_steps(directory):
+        path = os.path.join(directory, checkpoint_lib.CHECKPOINT_DIR)
+        return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+    source = next((d for d in (os.path.join(workdir, BEST_DIR), workdir) if has_steps(d)), None)
+    if source is None:
         raise FileNotFoundError(f"--workdir {workdir!r} holds no checkpoint: train there first")
     log.info("loading params from %s", source)
     return checkpoint_lib.load_params(source)

@@ -20,7 +20,7 @@ from encoder_jax.layers import EncoderConfig
 from encoder_jax.models import BertForClassification
 from encoder_jax.tasks import classify
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import classify_news  # noqa: E402

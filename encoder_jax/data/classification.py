@@ -3,7 +3,8 @@
 Every split is read as records `{"text_0": str, ["text_1": str, ...], "label": str | int}`:
 local csv/tsv(.gz) files go through the local-files TFDS builder of `sources`
 (columns chosen by header name or 0-based index), a TFDS catalog dataset (e.g.
-`ag_news_subset`) through `catalog_sources` with its fields renamed.
+`ag_news_subset`) through `catalog_sources` with its fields renamed. Labels and
+their checks live in `encoder_jax.data.labels`.
 
 Batches hold, for B rows padded to one of a few lengths L (`pad_lengths`):
   ids          int32   (B, L)  [CLS] a [SEP] (b [SEP]), 0 = padding
@@ -22,23 +23,18 @@ so the iterator state (and a resumed run) stays exact.
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import os
 from typing import Any, Iterator, Sequence
 
 import grain
 import numpy as np
 
 from encoder_jax.data import sources
+from encoder_jax.data.labels import LabelSpace, text_keys
 from encoder_jax.data.sources import DataError
 from encoder_jax.data.tokenizer import Tokenizer
 
-log = logging.getLogger("encoder_jax")
 
-LABEL_FORMATS = ("auto", "index", "name")
 TEXT_MODES = ("join", "pair")
-LABELS_FILE = "labels.json"
 BATCH_KEYS = ("ids", "type_ids", "segment_ids", "label", "weight", "index")
 
 
@@ -49,10 +45,6 @@ def split_fields(value: Any, field: str) -> list[str]:
     if not parts:
         raise DataError(f"{field} is empty: name at least one column (header name or 0-based index)")
     return parts
-
-
-def text_keys(count: int) -> list[str]:
-    return [f"text_{i}" for i in range(count)]
 
 
 # ----------------------------------------------------------------------------- sources
@@ -133,146 +125,6 @@ def open_splits(data_cfg, data_dir: str, need_validation: bool = True) -> dict[s
                                   file_format=file_format, columns=columns,
                                   has_header=bool(data_cfg.get("has_header", False)))
     return sources.local_files_sources(spec, data_dir)
-
-
-def catalog_label_names(source) -> list[str] | None:
-    """Class names a TFDS catalog source declares for its `label` feature, if any."""
-    inner = getattr(getattr(source, "_source", None), "_source", None)
-    info = getattr(inner, "dataset_info", None)
-    try:
-        return list(info.features["label"].names)
-    except (AttributeError, KeyError, TypeError):
-        return None
-
-
-# ----------------------------------------------------------------------------- labels
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelSpace:
-    """Class names and how raw labels map to them: 'index' (int - base) or 'name'."""
-
-    names: tuple[str, ...]
-    kind: str = "index"
-    base: int = 0
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.names)
-
-    def encode(self, value: Any, where: str) -> int:
-        """Raw label -> class index; unknown names and out-of-range ints raise DataError."""
-        if self.kind == "name":
-            text = str(value).strip()
-            if text not in self._lookup:
-                raise DataError(f"{where}: unknown label name {text!r}; valid: {list(self.names)}")
-            return self._lookup[text]
-        try:
-            index = int(str(value).strip()) - self.base
-        except ValueError:
-            raise DataError(f"{where}: label {value!r} is not an integer "
-                            f"(set data.label_format=name for label names)") from None
-        if not 0 <= index < len(self.names):
-            raise DataError(f"{where}: label {value!r} is out of range; valid: "
-                            f"{self.base}..{self.base + len(self.names) - 1} (data.label_base={self.base})")
-        return index
-
-    @property
-    def _lookup(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.names)}
-
-    def to_json(self) -> dict[str, Any]:
-        return {"names": list(self.names), "kind": self.kind, "base": self.base}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "LabelSpace":
-        return cls(tuple(data["names"]), data["kind"], int(data["base"]))
-
-
-def read_class_names(path: str) -> list[str]:
-    """One class name per line (blank lines skipped); duplicates are an error."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.classes_file={path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
-    if not names or len(set(names)) != len(names):
-        raise DataError(f"data.classes_file={path!r} must list distinct class names, one a line")
-    return names
-
-
-def _is_int(value: Any) -> bool:
-    try:
-        int(str(value).strip())
-        return True
-    except ValueError:
-        return False
-
-
-def infer_label_space(data_cfg, raw_labels: Sequence[Any], declared: list[str] | None = None
-                      ) -> LabelSpace:
-    """Label space from config + the training labels: class file > declared names > the data."""
-    label_format = data_cfg.get("label_format", "auto")
-    if label_format not in LABEL_FORMATS:
-        raise DataError(f"data.label_format={label_format!r}; valid: {list(LABEL_FORMATS)}")
-    names = read_class_names(data_cfg.classes_file) if data_cfg.get("classes_file") else declared
-    if label_format == "auto":
-        label_format = "index" if all(_is_int(v) for v in raw_labels) else "name"
-    if label_format == "name":
-        if names is None:
-            names = sorted({str(v).strip() for v in raw_labels})
-        return LabelSpace(tuple(names), "name", 0)
-    base = int(data_cfg.get("label_base", 0))
-    if names is None:
-        count = data_cfg.get("num_classes") or (max(int(str(v)) for v in raw_labels) - base + 1)
-        names = [str(base + i) for i in range(int(count))]
-    return LabelSpace(tuple(names), "index", base)
-
-
-def read_raw_labels(source, num_texts: int, allow_empty: bool) -> list[Any]:
-    """One pass over a split: its raw labels, after checking that no text field is empty."""
-    if len(source) == 0:
-        raise DataError(f"{source.name} holds no records")
-    raw = []
-    for i in range(len(source)):
-        record = source[i]
-        if not allow_empty:
-            for key in text_keys(num_texts):
-                if not str(record[key]).strip():
-                    raise DataError(f"{source.name} record {i + 1}: text field {key} is empty "
-                                    f"(set data.allow_empty_text=True to keep such rows)")
-        raw.append(record["label"])
-    return raw
-
-
-def encode_labels(labels: "LabelSpace", raw: Sequence[Any], name: str) -> np.ndarray:
-    """Raw labels -> class ids (N,) int32; the first bad one raises, naming its record."""
-    return np.asarray([labels.encode(v, f"{name} record {i + 1}") for i, v in enumerate(raw)],
-                      np.int32)
-
-
-def record_label_space(space: LabelSpace, workdir: str | None) -> None:
-    """Writes labels.json into the workdir; a resumed run's recorded classes must agree."""
-    if not workdir:
-        return
-    path = os.path.join(workdir, LABELS_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            recorded = LabelSpace.from_json(json.load(f))
-        if recorded != space:
-            raise DataError(f"{path} records classes {list(recorded.names)} but the data gives "
-                            f"{list(space.names)}: use a fresh --workdir for different labels")
-        return
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(space.to_json(), f, indent=2, ensure_ascii=False)
-
-
-def load_label_space(workdir: str) -> LabelSpace:
-    """The classes a classification run recorded in its workdir."""
-    path = os.path.join(workdir, LABELS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} does not exist: is {workdir!r} a classification run?")
-    with open(path, encoding="utf-8") as f:
-        return LabelSpace.from_json(json.load(f))
 
 
 # ----------------------------------------------------------------------------- encoding

@@ -25,7 +25,8 @@ import numpy as np
 import optax
 
 from encoder_jax import pretrained as pretrained_lib
-from encoder_jax.data import classification as data_lib
+from encoder_jax.data import classification as data_lib, labels as labels_lib
+from encoder_jax.data.sources import DataError
 from encoder_jax.layers import EncoderConfig
 
 log = logging.getLogger("encoder_jax")
@@ -199,15 +200,15 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     splits = data_lib.open_splits(data_cfg, cache_dir,
                                     need_validation=(config.get("cv") or {}).get("fold") is None)
     full_train = splits["train"]
-    raw_train = data_lib.read_raw_labels(full_train, len(text_fields), allow_empty)
-    labels = data_lib.infer_label_space(data_cfg, raw_train, data_lib.catalog_label_names(full_train))
-    all_ids = data_lib.encode_labels(labels, raw_train, full_train.name)
+    raw_train = labels_lib.read_raw_labels(full_train, len(text_fields), allow_empty)
+    labels = labels_lib.infer_label_space(data_cfg, raw_train, labels_lib.catalog_label_names(full_train))
+    all_ids = labels_lib.encode_labels(labels, raw_train, full_train.name)
     train_idx, held_idx = select_examples(config, all_ids)
     train_source = data_lib.SubsetSource(full_train, train_idx, "train")
     if held_idx is None:
         eval_source = splits["validation"]
-        eval_raw = data_lib.read_raw_labels(eval_source, len(text_fields), allow_empty)
-        eval_ids = data_lib.encode_labels(labels, eval_raw, eval_source.name)
+        eval_raw = labels_lib.read_raw_labels(eval_source, len(text_fields), allow_empty)
+        eval_ids = labels_lib.encode_labels(labels, eval_raw, eval_source.name)
     else:
         eval_source = data_lib.SubsetSource(full_train, held_idx, f"fold {config.cv.fold}")
         eval_ids = all_ids[held_idx]
@@ -244,7 +245,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         os.makedirs(workdir, exist_ok=True)
         if pretrained is not None:
             tokenizer.save(workdir)
-        data_lib.record_label_space(labels, workdir)
+        labels_lib.record_label_space(labels, workdir)
         with open(os.path.join(workdir, MODEL_FILE), "w", encoding="utf-8") as f:
             json.dump(model_record(model_cfg, labels.num_classes, pooling), f, indent=2)
 
@@ -336,7 +337,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         on_eval=on_eval, eval_fn=eval_fn, summarize_eval=summarize_eval,
         on_best=on_best,
         lr_scale=optim.layer_lr_decay_scale(decay, model_cfg.num_layers) if decay and decay != 1.0 else None,
-        artifacts=(tokenizer_lib.SentencePieceTokenizer.FILENAME, MODEL_FILE, data_lib.LABELS_FILE))
+        artifacts=(tokenizer_lib.SentencePieceTokenizer.FILENAME, MODEL_FILE, labels_lib.LABELS_FILE))
 
 
 # ----------------------------------------------------------------------------- predict
@@ -354,14 +355,14 @@ def read_prediction_rows(path: str, text_fields: list[str], has_header: bool) ->
                 record = json.loads(line)
                 rows.append([str(record[f]) for f in text_fields])
             except json.JSONDecodeError as e:
-                raise data_lib.DataError(f"predict.input {path!r} record {number}: not JSON ({e.msg})") from None
+                raise DataError(f"predict.input {path!r} record {number}: not JSON ({e.msg})") from None
             except KeyError as e:
-                raise data_lib.DataError(f"predict.input {path!r} record {number} has no field "
+                raise DataError(f"predict.input {path!r} record {number} has no field "
                                          f"{e.args[0]!r}; fields: {sorted(record)}") from None
         return rows
     if not name.endswith((".csv", ".tsv")):
-        raise data_lib.DataError(f"predict.input={path!r}; valid: .csv, .tsv, .jsonl (.gz ok)")
-    columns = {key: f for key, f in zip(data_lib.text_keys(len(text_fields)), text_fields)}
+        raise DataError(f"predict.input={path!r}; valid: .csv, .tsv, .jsonl (.gz ok)")
+    columns = {key: f for key, f in zip(labels_lib.text_keys(len(text_fields)), text_fields)}
     table = sources.read_table(path, "," if name.endswith(".csv") else "\t", columns, has_header)
     return [[row[k] for k in columns] for row in table]
 
@@ -378,7 +379,7 @@ def predict(config, workdir: str, params: Any) -> str:
     record = load_model_record(workdir)
     if record is None:
         raise FileNotFoundError(f"{workdir!r} has no {MODEL_FILE}: train a classification run there first")
-    labels = data_lib.load_label_space(workdir)
+    labels = labels_lib.load_label_space(workdir)
     tokenizer = SentencePieceTokenizer.load(os.path.join(workdir, SentencePieceTokenizer.FILENAME))
     fields = data_lib.split_fields(pred_cfg.get("text_fields") or config.data.text_fields,
                                    "predict.text_fields")

@@ -1,0 +1,167 @@
+"""Label spaces of text classification: class names, raw label -> index, checks, labels.json.
+
+Raw labels are integers (`index`: class = value - `data.label_base`) or names
+(`name`); class names come from `data.classes_file`, the TFDS catalog's label
+feature, or the training data (sorted names / 0..max). The workdir's
+labels.json records them, and a resumed run must agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from encoder_jax.data.sources import DataError
+
+LABEL_FORMATS = ("auto", "index", "name")
+LABELS_FILE = "labels.json"
+
+
+def text_keys(count: int) -> list[str]:
+    """Record keys of the text fields: text_0, text_1, ..."""
+    return [f"text_{i}" for i in range(count)]
+
+
+def catalog_label_names(source) -> list[str] | None:
+    """Class names a TFDS catalog source declares for its `label` feature, if any."""
+    inner = getattr(getattr(source, "_source", None), "_source", None)
+    info = getattr(inner, "dataset_info", None)
+    try:
+        return list(info.features["label"].names)
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpace:
+    """Class names and how raw labels map to them: 'index' (int - base) or 'name'."""
+
+    names: tuple[str, ...]
+    kind: str = "index"
+    base: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def encode(self, value: Any, where: str) -> int:
+        """Raw label -> class index; unknown names and out-of-range ints raise DataError."""
+        if self.kind == "name":
+            text = str(value).strip()
+            if text not in self._lookup:
+                raise DataError(f"{where}: unknown label name {text!r}; valid: {list(self.names)}")
+            return self._lookup[text]
+        try:
+            index = int(str(value).strip()) - self.base
+        except ValueError:
+            raise DataError(f"{where}: label {value!r} is not an integer "
+                            f"(set data.label_format=name for label names)") from None
+        if not 0 <= index < len(self.names):
+            raise DataError(f"{where}: label {value!r} is out of range; valid: "
+                            f"{self.base}..{self.base + len(self.names) - 1} (data.label_base={self.base})")
+        return index
+
+    @functools.cached_property
+    def _lookup(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"names": list(self.names), "kind": self.kind, "base": self.base}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | list[str]) -> "LabelSpace":
+        """From labels.json: our dict, or a plain list of names (as interop writes)."""
+        if isinstance(data, list):
+            return cls(tuple(data), "name", 0)
+        return cls(tuple(data["names"]), data["kind"], int(data["base"]))
+
+
+def read_class_names(path: str) -> list[str]:
+    """One class name per line (blank lines skipped); duplicates are an error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.classes_file={path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names or len(set(names)) != len(names):
+        raise DataError(f"data.classes_file={path!r} must list distinct class names, one a line")
+    return names
+
+
+def _is_int(value: Any) -> bool:
+    try:
+        int(str(value).strip())
+        return True
+    except ValueError:
+        return False
+
+
+def infer_label_space(data_cfg, raw_labels: Sequence[Any], declared: list[str] | None = None
+                      ) -> LabelSpace:
+    """Label space from config + the training labels: class file > declared names > the data."""
+    label_format = data_cfg.get("label_format", "auto")
+    if label_format not in LABEL_FORMATS:
+        raise DataError(f"data.label_format={label_format!r}; valid: {list(LABEL_FORMATS)}")
+    names = read_class_names(data_cfg.classes_file) if data_cfg.get("classes_file") else declared
+    if label_format == "auto":
+        label_format = "index" if all(_is_int(v) for v in raw_labels) else "name"
+    if label_format == "name":
+        if names is None:
+            names = sorted({str(v).strip() for v in raw_labels})
+        return LabelSpace(tuple(names), "name", 0)
+    base = int(data_cfg.get("label_base", 0))
+    if names is None:
+        count = data_cfg.get("num_classes") or (max(int(str(v)) for v in raw_labels) - base + 1)
+        names = [str(base + i) for i in range(int(count))]
+    return LabelSpace(tuple(names), "index", base)
+
+
+def read_raw_labels(source, num_texts: int, allow_empty: bool) -> list[Any]:
+    """One pass over a split: its raw labels, after checking that no text field is empty."""
+    if len(source) == 0:
+        raise DataError(f"{source.name} holds no records")
+    raw = []
+    for i in range(len(source)):
+        record = source[i]
+        if not allow_empty:
+            for key in text_keys(num_texts):
+                if not str(record[key]).strip():
+                    raise DataError(f"{source.name} record {i + 1}: text field {key} is empty "
+                                    f"(set data.allow_empty_text=True to keep such rows)")
+        raw.append(record["label"])
+    return raw
+
+
+def encode_labels(labels: "LabelSpace", raw: Sequence[Any], name: str) -> np.ndarray:
+    """Raw labels -> class ids (N,) int32; the first bad one raises, naming its record."""
+    return np.asarray([labels.encode(v, f"{name} record {i + 1}") for i, v in enumerate(raw)],
+                      np.int32)
+
+
+def record_label_space(space: LabelSpace, workdir: str | None) -> None:
+    """Writes labels.json into the workdir; a resumed run's recorded classes must agree."""
+    if not workdir:
+        return
+    path = os.path.join(workdir, LABELS_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            recorded = LabelSpace.from_json(json.load(f))
+        if recorded != space:
+            raise DataError(f"{path} records classes {list(recorded.names)} but the data gives "
+                            f"{list(space.names)}: use a fresh --workdir for different labels")
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(space.to_json(), f, indent=2, ensure_ascii=False)
+
+
+def load_label_space(workdir: str) -> LabelSpace:
+    """The classes a classification run recorded in its workdir."""
+    path = os.path.join(workdir, LABELS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist: is {workdir!r} a classification run?")
+    with open(path, encoding="utf-8") as f:
+        return LabelSpace.from_json(json.load(f))
