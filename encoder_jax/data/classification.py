@@ -23,6 +23,7 @@ so the iterator state (and a resumed run) stays exact.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -298,3 +299,25 @@ def example_batch(rows: int, length: int) -> dict[str, np.ndarray]:
     return {"ids": np.zeros((rows, length), np.int32), "type_ids": np.zeros((rows, length), np.int32),
             "segment_ids": np.ones((rows, length), np.int32), "label": np.zeros(rows, np.int32),
             "weight": np.ones(rows, np.float32), "index": np.zeros(rows, np.int32)}
+
+
+def read_prediction_rows(path: str, text_fields: list[str], has_header: bool) -> list[list[str]]:
+    """Texts per row of a csv / tsv (header names or indices) / jsonl (field names) file."""
+    name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith(".jsonl"):
+        rows = []
+        for number, line in enumerate(sources.read_documents(path, "lines"), 1):
+            try:
+                record = json.loads(line)
+                rows.append([str(record[f]) for f in text_fields])
+            except json.JSONDecodeError as e:
+                raise DataError(f"predict.input {path!r} record {number}: not JSON ({e.msg})") from None
+            except KeyError as e:
+                raise DataError(f"predict.input {path!r} record {number} has no field "
+                                f"{e.args[0]!r}; fields: {sorted(record)}") from None
+        return rows
+    if not name.endswith((".csv", ".tsv")):
+        raise DataError(f"predict.input={path!r}; valid: .csv, .tsv, .jsonl (.gz ok)")
+    columns = {key: f for key, f in zip(text_keys(len(text_fields)), text_fields)}
+    table = sources.read_table(path, "," if name.endswith(".csv") else "\t", columns, has_header)
+    return [[row[k] for k in columns] for row in table]

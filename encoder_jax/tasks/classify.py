@@ -186,33 +186,38 @@ def warn_on_imbalance(names, train_ids_N: np.ndarray, eval_ids_N: np.ndarray) ->
 # ----------------------------------------------------------------------------- task
 
 
-def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 1):
-    """The classification task: data, labels, tokenizer, model, loss and reports from `config`."""
-    from encoder_jax import metrics, optim
-    from encoder_jax.data import sources, tokenizer as tokenizer_lib
-    from encoder_jax.models import BertForClassification
-    from encoder_jax.tasks.base import Task
+def load_data(config, cache_dir: str) -> tuple[Any, Any, Any, labels_lib.LabelSpace]:
+    """(full train split, train source, eval source, label space), every record checked once.
 
-    data_cfg, ft = config.data, config.finetune
-    cache_dir = data_cfg.get("data_dir") or sources.default_data_dir()
-    text_fields = data_lib.split_fields(data_cfg.text_fields, "data.text_fields")
+    The eval source is the validation split, or the held-out fold of a CV run.
+    """
+    data_cfg = config.data
+    num_texts = len(data_lib.split_fields(data_cfg.text_fields, "data.text_fields"))
     allow_empty = bool(data_cfg.get("allow_empty_text", False))
-    splits = data_lib.open_splits(data_cfg, cache_dir,
-                                    need_validation=(config.get("cv") or {}).get("fold") is None)
+    cv_fold = (config.get("cv") or {}).get("fold")
+    splits = data_lib.open_splits(data_cfg, cache_dir, need_validation=cv_fold is None)
     full_train = splits["train"]
-    raw_train = labels_lib.read_raw_labels(full_train, len(text_fields), allow_empty)
+    raw_train = labels_lib.read_raw_labels(full_train, num_texts, allow_empty)
     labels = labels_lib.infer_label_space(data_cfg, raw_train, labels_lib.catalog_label_names(full_train))
     all_ids = labels_lib.encode_labels(labels, raw_train, full_train.name)
     train_idx, held_idx = select_examples(config, all_ids)
+    if len(train_idx) == 0:
+        raise DataError(f"no training examples left in {full_train.name} (data.max_train_examples, cv)")
     train_source = data_lib.SubsetSource(full_train, train_idx, "train")
     if held_idx is None:
         eval_source = splits["validation"]
-        eval_raw = labels_lib.read_raw_labels(eval_source, len(text_fields), allow_empty)
+        eval_raw = labels_lib.read_raw_labels(eval_source, num_texts, allow_empty)
         eval_ids = labels_lib.encode_labels(labels, eval_raw, eval_source.name)
     else:
-        eval_source = data_lib.SubsetSource(full_train, held_idx, f"fold {config.cv.fold}")
+        eval_source = data_lib.SubsetSource(full_train, held_idx, f"fold {cv_fold}")
         eval_ids = all_ids[held_idx]
     warn_on_imbalance(labels.names, all_ids[train_idx], eval_ids)
+    return full_train, train_source, eval_source, labels
+
+
+def tokenizer_and_encoder(config, workdir: str | None, full_train, cache_dir: str):
+    """(tokenizer, EncoderConfig, pretrained or None): resume > pretrained > trained / scratch."""
+    from encoder_jax.data import tokenizer as tokenizer_lib
 
     record = load_model_record(workdir) if workdir else None
     pretrained = pretrained_lib.resolve_pretrained(config) if record is None else None
@@ -221,6 +226,9 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
             raise ValueError("set init_from or tokenizer.model_file, not both: the pretrained "
                              "run's tokenizer is used")
         tokenizer = pretrained.tokenizer
+        if pretrained.config.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"{pretrained.source}: encoder vocab {pretrained.config.vocab_size} != "
+                             f"tokenizer vocab {tokenizer.vocab_size}")
     else:
         def texts():
             for i in range(len(full_train)):
@@ -236,28 +244,43 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
                             pretrained.source)
     else:
         arch = architecture(config.model, None, "")
-    model_cfg = encoder_config_from(config.model, arch, tokenizer.vocab_size)
-    if pretrained is not None and pretrained.config.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"{pretrained.source}: encoder vocab {pretrained.config.vocab_size} != "
-                         f"tokenizer vocab {tokenizer.vocab_size}")
+    return tokenizer, encoder_config_from(config.model, arch, tokenizer.vocab_size), pretrained
+
+
+def encoding_config(data_cfg, num_texts: int) -> data_lib.EncodingConfig:
+    """How `config.data` turns texts into rows (max length, padded lengths, join / pair)."""
+    return data_lib.EncodingConfig(
+        max_len=data_cfg.max_len,
+        pad_lengths=data_lib.make_pad_lengths(data_cfg.get("pad_lengths"), data_cfg.max_len),
+        text_mode=data_cfg.get("text_mode", "join"), num_texts=num_texts,
+        join_separator=data_cfg.get("join_separator", " "))
+
+
+def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 1):
+    """The classification task: data, labels, tokenizer, model, loss and reports from `config`."""
+    from encoder_jax import metrics, optim
+    from encoder_jax.data import sources, tokenizer as tokenizer_lib
+    from encoder_jax.models import BertForClassification
+    from encoder_jax.tasks.base import Task
+
+    data_cfg, ft = config.data, config.finetune
+    cache_dir = data_cfg.get("data_dir") or sources.default_data_dir()
+    full_train, train_source, eval_source, labels = load_data(config, cache_dir)
+    tokenizer, model_cfg, pretrained = tokenizer_and_encoder(config, workdir, full_train, cache_dir)
     pooling = config.model.get("pooling", "first")
-    if workdir:
+    num_texts = len(data_lib.split_fields(data_cfg.text_fields, "data.text_fields"))
+    encoding = encoding_config(data_cfg, num_texts)
+    if encoding.max_len > model_cfg.max_len:
+        raise ValueError(f"data.max_len={encoding.max_len} exceeds model.max_len={model_cfg.max_len}")
+    if encoding.text_mode == "pair" and model_cfg.type_vocab_size < 2:
+        raise ValueError("data.text_mode='pair' needs model.type_vocab_size >= 2")
+    if workdir and shard_index == 0:
         os.makedirs(workdir, exist_ok=True)
         if pretrained is not None:
             tokenizer.save(workdir)
         labels_lib.record_label_space(labels, workdir)
         with open(os.path.join(workdir, MODEL_FILE), "w", encoding="utf-8") as f:
             json.dump(model_record(model_cfg, labels.num_classes, pooling), f, indent=2)
-
-    encoding = data_lib.EncodingConfig(
-        max_len=data_cfg.max_len, pad_lengths=data_lib.make_pad_lengths(data_cfg.get("pad_lengths"),
-                                                                         data_cfg.max_len),
-        text_mode=data_cfg.get("text_mode", "join"), num_texts=len(text_fields),
-        join_separator=data_cfg.get("join_separator", " "))
-    if encoding.max_len > model_cfg.max_len:
-        raise ValueError(f"data.max_len={encoding.max_len} exceeds model.max_len={model_cfg.max_len}")
-    if encoding.text_mode == "pair" and model_cfg.type_vocab_size < 2:
-        raise ValueError("data.text_mode='pair' needs model.type_vocab_size >= 2")
     model = BertForClassification(model_cfg, labels.num_classes, pooling)
 
     global_batch = data_cfg.batch_size
@@ -343,30 +366,6 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
 # ----------------------------------------------------------------------------- predict
 
 
-def read_prediction_rows(path: str, text_fields: list[str], has_header: bool) -> list[list[str]]:
-    """Texts per row of a csv / tsv (header names or indices) / jsonl (field names) file."""
-    from encoder_jax.data import sources
-
-    name = path[:-3] if path.endswith(".gz") else path
-    if name.endswith(".jsonl"):
-        rows = []
-        for number, line in enumerate(sources.read_documents(path, "lines"), 1):
-            try:
-                record = json.loads(line)
-                rows.append([str(record[f]) for f in text_fields])
-            except json.JSONDecodeError as e:
-                raise DataError(f"predict.input {path!r} record {number}: not JSON ({e.msg})") from None
-            except KeyError as e:
-                raise DataError(f"predict.input {path!r} record {number} has no field "
-                                         f"{e.args[0]!r}; fields: {sorted(record)}") from None
-        return rows
-    if not name.endswith((".csv", ".tsv")):
-        raise DataError(f"predict.input={path!r}; valid: .csv, .tsv, .jsonl (.gz ok)")
-    columns = {key: f for key, f in zip(labels_lib.text_keys(len(text_fields)), text_fields)}
-    table = sources.read_table(path, "," if name.endswith(".csv") else "\t", columns, has_header)
-    return [[row[k] for k in columns] for row in table]
-
-
 def predict(config, workdir: str, params: Any) -> str:
     """Labels `predict.input` with the run's model; writes jsonl (label, probabilities); returns its path."""
     from tqdm import tqdm
@@ -384,14 +383,10 @@ def predict(config, workdir: str, params: Any) -> str:
     fields = data_lib.split_fields(pred_cfg.get("text_fields") or config.data.text_fields,
                                    "predict.text_fields")
     has_header = pred_cfg.get("has_header")
-    rows = read_prediction_rows(pred_cfg.input, fields, config.data.get("has_header", False)
+    rows = data_lib.read_prediction_rows(pred_cfg.input, fields, config.data.get("has_header", False)
                                 if has_header is None else has_header)
     output = pred_cfg.get("output") or os.path.join(workdir, "predictions.jsonl")
-    encoding = data_lib.EncodingConfig(
-        max_len=config.data.max_len,
-        pad_lengths=data_lib.make_pad_lengths(config.data.get("pad_lengths"), config.data.max_len),
-        text_mode=config.data.get("text_mode", "join"), num_texts=len(fields),
-        join_separator=config.data.get("join_separator", " "))
+    encoding = encoding_config(config.data, len(fields))
     model = build_model(record)
     apply = jax.jit(lambda p, b: model.apply({"params": p}, b["ids"], segment_ids=b["segment_ids"],
                                              type_ids=b["type_ids"]))
