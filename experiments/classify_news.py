@@ -24,7 +24,8 @@ Grid search / k-fold cross-validation (tables in the workdir; one run by index f
       --config.sweep.grid='{"opt.learning_rate":[1e-4,3e-4],"finetune.trainable":["all","top:2"]}'
   python launch.py --config experiments/classify_news.py:ag_news --workdir runs/cv --mode cv \
       --config.cv.folds=5 --config.data.max_train_examples=5000
-Variants: ag_news, ag_news_tfds, thucnews, csv, smoke (tests; reads data.files you give).
+Variants: ag_news, ag_news_tfds, thucnews, csv, smoke (built-in toy topics, seconds on a CPU):
+  python launch.py --config experiments/classify_news.py:smoke --workdir /tmp/smoke
 """
 
 import os
@@ -74,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = config_dict.placeholder(str)  # TFDS catalog name (e.g. ag_news_subset); used without files
+    c.data.name = config_dict.placeholder(str)  # without files: built-in toy_topics or a TFDS name (ag_news_subset)
     c.data.train_split = "train"  # TFDS split names
     c.data.eval_split = "test"
     c.data.files = ml_collections.ConfigDict()
@@ -132,7 +133,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.opt.grad_accum_steps = 1
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 4 if smoke else 3000
+    c.train.num_steps = 2 if smoke else 3000
     c.train.log_every = 1 if smoke else 50
     c.train.peak_flops_per_device = config_dict.placeholder(float)  # for MFU; None: measured
 
@@ -191,8 +192,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.max_len = 48
         c.data.pad_lengths = (16, 24, 32, 48)
         c.tokenizer.character_coverage = 0.9995
-    elif variant in ("csv", "smoke"):
+    elif variant == "csv":  # your file: header row, columns named by the overrides
         c.data.has_header = True
         c.data.text_fields = "text"
         c.data.label_field = "label"
+    elif variant == "smoke":  # built-in offline toy topics (title,body,topic), or your files
+        c.data.name = "toy_topics"
+        c.data.has_header = True
+        c.data.text_fields = "title,body"
+        c.data.label_field = "topic"
     return c

@@ -22,8 +22,11 @@ so the iterator state (and a resumed run) stays exact.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import os
+import random
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -94,27 +97,64 @@ class SubsetSource:
         return f"SubsetSource({self.name}, {len(self)} records)"
 
 
+TOY_TOPICS = {  # the built-in offline smoke / demo dataset: topic words, learnable
+    "sports": "ball goal team match player score coach league win season race cup",
+    "tech": "computer software chip internet phone data code robot cloud app network laptop",
+    "money": "bank market stock price trade profit fund dollar share economy tax loan",
+    "science": "space planet cell gene climate physics atom study lab energy ocean fossil"}
+BUILTIN_DATASETS = ("toy_topics",)
+
+
+def toy_topics_files(cache_dir: str, sizes: tuple[int, int] = (800, 200)) -> dict[str, str]:
+    """Writes the toy topics csv (title,body,topic) once, deterministically; {split: path}."""
+    out_dir = os.path.join(cache_dir, "toy_topics_v1")
+    paths = {split: os.path.join(out_dir, f"{split}.csv") for split in ("train", "validation")}
+    if all(os.path.isfile(p) for p in paths.values()):
+        return paths
+    os.makedirs(out_dir, exist_ok=True)
+    filler = "the a of in on new big today says report after".split()
+    for (split, path), count, seed in zip(paths.items(), sizes, (0, 1)):
+        rng = random.Random(seed)
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["title", "body", "topic"])
+            for i in range(count):
+                topic = list(TOY_TOPICS)[i % len(TOY_TOPICS)]
+                words = TOY_TOPICS[topic].split()
+                writer.writerow([" ".join(rng.choices(words, k=3)),
+                                 " ".join(rng.choices(words + filler, k=rng.randint(4, 14))), topic])
+        os.replace(tmp, path)
+    return paths
+
+
 def open_splits(data_cfg, data_dir: str, need_validation: bool = True) -> dict[str, Any]:
     """{'train', 'validation'} sources of text_i/label records chosen by `config.data`.
 
-    Without `need_validation` (cross-validation) a missing validation file is fine.
+    data.files.train set -> local csv/tsv; else data.name is a built-in dataset
+    (toy_topics) or a TFDS catalog name. Without `need_validation` (cross-validation)
+    a missing validation file is fine.
     """
     text_fields = split_fields(data_cfg.text_fields, "data.text_fields")
     label_field = str(data_cfg.label_field)
     files = data_cfg.get("files") or {}
     train_files = sources.expand_files(files.get("train"), "data.files.train")
-    if not train_files:
+    valid_files = sources.expand_files(files.get("validation"), "data.files.validation")
+    file_format, has_header = data_cfg.get("format") or "auto", bool(data_cfg.get("has_header", False))
+    if not train_files and data_cfg.get("name") in BUILTIN_DATASETS:
+        paths = toy_topics_files(os.path.join(data_dir, "builtin"))
+        train_files, valid_files = [paths["train"]], [paths["validation"]]
+        file_format, has_header = "csv", True
+    elif not train_files:
         if not data_cfg.get("name"):
-            raise DataError("set data.files.train (csv/tsv, .gz ok) or data.name (a TFDS catalog "
-                            "name such as ag_news_subset)")
+            raise DataError(f"set data.files.train (csv/tsv, .gz ok) or data.name (built-in: "
+                            f"{list(BUILTIN_DATASETS)}, or a TFDS catalog name such as ag_news_subset)")
         raw = sources.catalog_sources(data_cfg.name, {"train": data_cfg.train_split,
                                                       "validation": data_cfg.eval_split}, data_dir)
         return {split: FieldSource(src, text_fields, label_field) for split, src in raw.items()}
-    valid_files = sources.expand_files(files.get("validation"), "data.files.validation")
     if not valid_files and need_validation:
         raise DataError("data.files.validation is not set: give a held-out file for evaluation "
                         "(or use --mode cv)")
-    file_format = data_cfg.get("format") or "auto"
     if file_format == "auto":
         file_format = sources.infer_format(train_files)
     if file_format not in ("csv", "tsv"):
@@ -122,9 +162,8 @@ def open_splits(data_cfg, data_dir: str, need_validation: bool = True) -> dict[s
                         f"(set data.format for other extensions, e.g. .txt)")
     columns = dict(zip(text_keys(len(text_fields)), text_fields), label=label_field)
     splits = {"train": train_files, **({"validation": valid_files} if valid_files else {})}
-    spec = sources.LocalFilesSpec(splits=splits,
-                                  file_format=file_format, columns=columns,
-                                  has_header=bool(data_cfg.get("has_header", False)))
+    spec = sources.LocalFilesSpec(splits=splits, file_format=file_format, columns=columns,
+                                  has_header=has_header)
     return sources.local_files_sources(spec, data_dir)
 
 
