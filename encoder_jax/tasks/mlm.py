@@ -117,7 +117,7 @@ def argmax_equals(x_BxPxV: jax.Array, targets_BxP: jax.Array) -> jax.Array:
     max_BxPx1 = x_BxPxV.max(-1, keepdims=True)  # NaN if the row has one, as argmax picks it
     is_max_BxPxV = (x_BxPxV == max_BxPx1) | jnp.isnan(x_BxPxV)
     index_V = jnp.arange(vocab, dtype=targets_BxP.dtype)
-    earlier_BxP = jnp.any(is_max_BxPxV & (index_V < targets_BxP[..., None]), axis=-1)
+    earlier_BxP = jnp.any(is_max_BxPxV & (index_V[None, None, :] < targets_BxP[..., None]), axis=-1)
     in_range_BxP = (targets_BxP >= 0) & (targets_BxP < vocab)
     safe_BxP = jnp.clip(targets_BxP, 0, vocab - 1)
     target_BxP = jnp.take_along_axis(x_BxPxV, safe_BxP[..., None], axis=-1)[..., 0]
@@ -164,6 +164,17 @@ def encoder_config(model_cfg, vocab_size: int):
     return EncoderConfig(**values)
 
 
+def _check_enough_tokens(source, tokenizer, needed: int, text_field: str) -> None:
+    """A corpus must fill at least one batch (counting [CLS]/[SEP] per document)."""
+    total = 0
+    for index in range(len(source)):
+        total += len(tokenizer.encode(source[index][text_field])) + 2
+        if total >= needed:
+            return
+    raise ValueError(f"the training corpus ({source.name}) has {total} tokens, fewer than one "
+                     f"batch of data.batch_size x data.seq_len = {needed}; add text or lower those")
+
+
 def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 1):
     """The MLM task: data, tokenizer, model and loss from `config`."""
     from encoder_jax.data import pipeline, sources, tokenizer as tokenizer_lib
@@ -205,6 +216,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         rate=mlm_cfg.rate, max_predictions=max_predictions, whole_word=mlm_cfg.whole_word,
         mask_fraction=mlm_cfg.mask_fraction, random_fraction=mlm_cfg.random_fraction)
     model = BertForMaskedLM(model_cfg)
+    _check_enough_tokens(train_source, tokenizer, data_cfg.batch_size * seq_len, text_field)
 
     global_batch = data_cfg.batch_size
     if global_batch % shard_count:
