@@ -1,11 +1,12 @@
 """Pretrained encoders for fine-tuning: one record type, whatever the origin.
 
 `PretrainedEncoder` carries an encoder's shape (EncoderConfig), its tokenizer and
-a loader of its params. `load_mlm_run(workdir)` reads an encoder_jax MLM run;
-`pretrained_encoder(EncoderConfig, encoder params, tokenizer)` wraps anything
-else (e.g. a Hugging Face checkpoint converted by `interop`). `resolve_pretrained`
-maps config fields to one of them: add new sources (config.init_from_hf) there
-and in `wants_pretrained`.
+a loader of its params. `load_mlm_run(workdir)` reads an encoder_jax MLM run
+(`config.init_from`); `interop.pretrained_encoder_from_hf(dir)` a Hugging Face
+BERT directory (`config.init_from_hf`); `pretrained_encoder(EncoderConfig,
+encoder params, tokenizer)` wraps anything else. `resolve_pretrained` maps the
+config fields to one of them (setting both is an error); add new sources there
+and in `INIT_FIELDS`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from encoder_jax.layers import EncoderConfig
 
+INIT_FIELDS = ("init_from", "init_from_hf")  # config fields naming a pretrained encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,22 +41,17 @@ def pretrained_encoder(encoder_cfg: EncoderConfig, encoder_params: Any, tokenize
     return PretrainedEncoder(encoder_cfg, lambda: encoder_params, tokenizer, source)
 
 
-def load_mlm_run(workdir: str) -> PretrainedEncoder:
-    """An MLM run's encoder: shape from its config.json, its tokenizer.model, lazy params."""
+def load_mlm_run(workdir: str, word_segmenter: str = "auto") -> PretrainedEncoder:
+    """An MLM run's encoder: its shape, its saved tokenizer (tokenizer.model or vocab.txt), lazy params."""
     from encoder_jax import checkpoint
-    from encoder_jax.data.tokenizer import SentencePieceTokenizer
-    from encoder_jax.tasks.mlm import encoder_config
+    from encoder_jax.data import tokenizer as tokenizer_lib
 
-    config_path = os.path.join(workdir, "config.json")
-    tokenizer_path = os.path.join(workdir, SentencePieceTokenizer.FILENAME)
-    for path in (config_path, tokenizer_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"init_from={workdir!r} has no {os.path.basename(path)}: "
-                                    f"is it an encoder_jax run's workdir?")
-    with open(config_path, encoding="utf-8") as f:
-        model = json.load(f).get("model", {})
-    tokenizer = SentencePieceTokenizer.load(tokenizer_path)
-    cfg = encoder_config(ml_collections.ConfigDict(model), tokenizer.vocab_size)
+    try:
+        tokenizer = tokenizer_lib.load_saved(workdir, word_segmenter)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"init_from={workdir!r} has no tokenizer.model or vocab.txt: "
+                                f"is it an encoder_jax run's workdir?") from None
+    cfg = run_encoder_config(workdir, tokenizer.vocab_size)
 
     def load_params():
         params = checkpoint.load_params(workdir)
@@ -66,15 +63,55 @@ def load_mlm_run(workdir: str) -> PretrainedEncoder:
     return PretrainedEncoder(cfg, load_params, tokenizer, f"init_from={workdir!r}")
 
 
+def run_encoder_config(workdir: str, vocab_size: int) -> EncoderConfig:
+    """An MLM run's shape: its encoder_config.json (written by init_from_hf runs) > config.json's model."""
+    from encoder_jax.interop import ENCODER_CONFIG_FILE
+    from encoder_jax.tasks.mlm import encoder_config
+
+    # An init_from_hf run's config.json still holds the experiment's default shape.
+    recorded_path = os.path.join(workdir, ENCODER_CONFIG_FILE)
+    if os.path.isfile(recorded_path):
+        with open(recorded_path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        names = {field.name for field in dataclasses.fields(EncoderConfig)}
+        values = {k: v for k, v in recorded.items() if k in names}
+        for name in ("dtype", "param_dtype"):
+            if name in values:
+                values[name] = jnp.dtype(values[name])
+        return EncoderConfig(**values)
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"init_from={workdir!r} has no {ENCODER_CONFIG_FILE} or config.json: "
+                                f"is it an encoder_jax run's workdir?")
+    with open(config_path, encoding="utf-8") as f:
+        model = json.load(f).get("model", {})
+    return encoder_config(ml_collections.ConfigDict(model), vocab_size)
+
+
+def init_field(config) -> str | None:
+    """The one config field naming a pretrained encoder (INIT_FIELDS), or None; both set is an error."""
+    named = [f for f in INIT_FIELDS if config.get(f)]
+    if len(named) > 1:
+        raise ValueError(f"set init_from or init_from_hf, not both (init_from={config.init_from!r}, "
+                         f"init_from_hf={config.init_from_hf!r})")
+    return named[0] if named else None
+
+
 def wants_pretrained(config) -> bool:
     """Whether the config names a pretrained encoder (checked before loading anything)."""
-    return bool(config.get("init_from"))
+    return init_field(config) is not None
 
 
 def resolve_pretrained(config) -> PretrainedEncoder | None:
-    """The pretrained encoder named by the config, if any (init_from_hf plugs in here)."""
-    if config.get("init_from"):
-        return load_mlm_run(config.init_from)
+    """The pretrained encoder named by `init_from` (an MLM run) or `init_from_hf` (a Hugging Face BERT)."""
+    field = init_field(config)
+    segmenter = config.tokenizer.get("word_segmenter", "auto")
+    if field == "init_from_hf":
+        from encoder_jax import interop
+
+        return interop.pretrained_encoder_from_hf(config.init_from_hf, segmenter)
+    if field == "init_from":
+        return load_mlm_run(config.init_from, segmenter)
     return None
 
 

@@ -3,10 +3,15 @@
 Data: the staged files under $ENCODER_JAX_SHARED_DATA (default: ../shared/data
 next to the repository), or your own files / a TFDS catalog dataset by override.
 
-Train (from scratch, or from an MLM run's encoder with init_from):
+Train (from scratch, from an MLM run's encoder with init_from, or from a Hugging Face
+BERT directory with init_from_hf: config.json, model.safetensors or pytorch_model.bin, vocab.txt):
   python launch.py --config experiments/classify_news.py:ag_news --workdir runs/agnews
   python launch.py --config experiments/classify_news.py:ag_news --workdir runs/agnews_mlm \
       --config.init_from=runs/mlm
+  python launch.py --config experiments/classify_news.py:ag_news --workdir runs/agnews_bert \
+      --config.init_from_hf=path/to/bert-dir
+  python launch.py --config experiments/classify_news.py:smoke --workdir runs/smoke_bert \
+      --config.init_from_hf=path/to/bert-dir
   python launch.py --config experiments/classify_news.py:thucnews --workdir runs/thuc
 Partial fine-tuning (head only, top 2 blocks + head, or a regex over parameter paths):
   ... --config.finetune.trainable=head | top:2 | 're:(classifier|block_1)'
@@ -25,7 +30,7 @@ Grid search / k-fold cross-validation (tables in the workdir; one run by index f
   python launch.py --config experiments/classify_news.py:ag_news --workdir runs/cv --mode cv \
       --config.cv.folds=5 --config.data.max_train_examples=5000
 Variants: ag_news, ag_news_tfds, thucnews, csv, smoke (built-in toy topics, seconds on a CPU):
-  python launch.py --config experiments/classify_news.py:smoke --workdir /tmp/smoke
+  python launch.py --config experiments/classify_news.py:smoke --workdir runs/smoke
 """
 
 import os
@@ -53,11 +58,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task = "classify"
     c.seed = 0  # seeds init, data order, dropout and augmentation
     c.init_from = config_dict.placeholder(str)  # an MLM run's workdir: encoder, tokenizer, shape; None: fresh
-    # Precedence: resume from --workdir > init_from > fresh.
+    c.init_from_hf = config_dict.placeholder(str)  # a Hugging Face BERT directory, likewise; None: fresh
+    # Precedence: resume from --workdir > init_from or init_from_hf (not both) > fresh.
 
     c.model = ml_collections.ConfigDict()
-    # Architecture: None = the init_from run's value (or, on resume, the workdir's model.json),
-    # else model.scratch / the encoder default. An explicit value must agree with init_from.
+    # Architecture: None = the init_from / init_from_hf encoder's value (or, on resume, the
+    # workdir's model.json), else model.scratch / the encoder default. An explicit value must agree.
     for field, kind in (("num_layers", int), ("hidden_dim", int), ("num_heads", int),
                         ("mlp_dim", int), ("max_len", int), ("type_vocab_size", int),
                         ("activation", str), ("layer_norm_eps", float), ("pre_norm", bool),
@@ -102,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.workers = 0  # grain worker processes (0: in the main process)
     c.data.prefetch = 2
 
-    c.tokenizer = ml_collections.ConfigDict()  # trained on the training texts unless init_from
+    c.tokenizer = ml_collections.ConfigDict()  # trained on the training texts unless init_from(_hf)
     c.tokenizer.model_file = config_dict.placeholder(str)  # a sentencepiece .model; None: train one
     c.tokenizer.model_type = "unigram"
     c.tokenizer.vocab_size = 400 if smoke else 8000

@@ -1,8 +1,9 @@
 """Text classification: encoder + pooled head, label smoothing, exact whole-split metrics.
 
 Initialisation precedence (train.run): resume from the workdir > `config.init_from`
-(an MLM run's workdir: its encoder params, tokenizer and model shape; the head is
-fresh) > fresh. Pretrained encoders come through `encoder_jax.pretrained`.
+(an MLM run's workdir) or `config.init_from_hf` (a Hugging Face BERT directory): its
+encoder params, tokenizer and model shape, the head fresh; setting both is an error >
+fresh. Pretrained encoders come through `encoder_jax.pretrained`.
 
 Model shape: `model.<arch field>` set explicitly > the pretrained run's (or, on
 resume, the workdir's `model.json`) > `model.scratch`. An explicit value that
@@ -223,8 +224,8 @@ def tokenizer_and_encoder(config, workdir: str | None, full_train, cache_dir: st
     pretrained = pretrained_lib.resolve_pretrained(config) if record is None else None
     if pretrained is not None:
         if config.tokenizer.get("model_file"):
-            raise ValueError("set init_from or tokenizer.model_file, not both: the pretrained "
-                             "run's tokenizer is used")
+            raise ValueError(f"{pretrained.source} and tokenizer.model_file are both set: the "
+                             f"pretrained encoder's tokenizer is used, drop tokenizer.model_file")
         tokenizer = pretrained.tokenizer
         if pretrained.config.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"{pretrained.source}: encoder vocab {pretrained.config.vocab_size} != "
@@ -264,6 +265,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     from encoder_jax.tasks.base import Task
 
     data_cfg, ft = config.data, config.finetune
+    wants_pretrained = pretrained_lib.wants_pretrained(config)  # both init fields set: fails here
     cache_dir = data_cfg.get("data_dir") or sources.default_data_dir()
     full_train, train_source, eval_source, labels = load_data(config, cache_dir)
     tokenizer, model_cfg, pretrained = tokenizer_and_encoder(config, workdir, full_train, cache_dir)
@@ -356,11 +358,11 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         example_batch=example, summarize=summarize, eval_batches=eval_batches,
         tokens_in_batch=lambda b: int((b["segment_ids"] > 0).sum()),
         trainable=None if rule == "all" else (lambda p: optim.trainable_mask(p, rule)),
-        init_from=init_from if pretrained_lib.wants_pretrained(config) else None,
+        init_from=init_from if wants_pretrained else None,
         on_eval=on_eval, eval_fn=eval_fn, summarize_eval=summarize_eval,
         on_best=on_best,
         lr_scale=optim.layer_lr_decay_scale(decay, model_cfg.num_layers) if decay and decay != 1.0 else None,
-        artifacts=(tokenizer_lib.SentencePieceTokenizer.FILENAME, MODEL_FILE, labels_lib.LABELS_FILE))
+        artifacts=(type(tokenizer).FILENAME, MODEL_FILE, labels_lib.LABELS_FILE))
 
 
 # ----------------------------------------------------------------------------- predict
@@ -370,7 +372,7 @@ def predict(config, workdir: str, params: Any) -> str:
     """Labels `predict.input` with the run's model; writes jsonl (label, probabilities); returns its path."""
     from tqdm import tqdm
 
-    from encoder_jax.data.tokenizer import SentencePieceTokenizer
+    from encoder_jax.data import tokenizer as tokenizer_lib
 
     pred_cfg = config.predict
     if not pred_cfg.get("input"):
@@ -379,7 +381,7 @@ def predict(config, workdir: str, params: Any) -> str:
     if record is None:
         raise FileNotFoundError(f"{workdir!r} has no {MODEL_FILE}: train a classification run there first")
     labels = labels_lib.load_label_space(workdir)
-    tokenizer = SentencePieceTokenizer.load(os.path.join(workdir, SentencePieceTokenizer.FILENAME))
+    tokenizer = tokenizer_lib.load_saved(workdir, config.tokenizer.get("word_segmenter", "auto"))
     fields = data_lib.split_fields(pred_cfg.get("text_fields") or config.data.text_fields,
                                    "predict.text_fields")
     has_header = pred_cfg.get("has_header")
