@@ -48,6 +48,17 @@ def data_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds_cache"))
 
 
+def override(config, overrides: dict):
+    """Sets dotted fields ('opt.learning_rate' -> value) like --config.a.b=v; returns config."""
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
 def tiny_config(corpus_files, data_cache, **overrides):
     """experiments/bert_mlm.py:smoke on the toy corpus; overrides as 'a.b' -> value."""
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -59,13 +70,7 @@ def tiny_config(corpus_files, data_cache, **overrides):
     config.data.data_dir = data_cache
     config.tokenizer.vocab_size = 200
     config.train.log_every = 1
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return override(config, overrides)
 
 
 def pytest_configure(config):

@@ -20,7 +20,7 @@ from encoder_jax.layers import EncoderConfig
 from encoder_jax.models import BertForClassification
 from encoder_jax.tasks import classify
 
-from conftest import ROOT
+from conftest import ROOT, override
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import classify_news  # noqa: E402
@@ -70,13 +70,7 @@ def news_config(news, data_cache, **overrides):
     config.tokenizer.vocab_size = 300
     config.train.peak_flops_per_device = 1e12  # skip the matmul benchmark
     config.ckpt.use_async = False
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return override(config, overrides)
 
 
 def build(config, workdir=None):

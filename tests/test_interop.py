@@ -27,7 +27,7 @@ from encoder_jax.data.wordpiece import WordPieceTokenizer  # noqa: E402
 from encoder_jax.layers import EncoderConfig  # noqa: E402
 from encoder_jax.models import BertEncoder, BertForClassification, BertForMaskedLM  # noqa: E402
 
-from conftest import ROOT, tiny_config  # noqa: E402
+from conftest import ROOT, override, tiny_config  # noqa: E402
 
 TOLERANCE = 1e-4  # float32 max abs difference
 SMALL = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -495,13 +495,7 @@ def classify_smoke_config(data_dir, **overrides):
     config = classify_news.get_config("smoke")
     config.data.data_dir = str(data_dir)
     config.train.peak_flops_per_device = 1e12  # skip the matmul benchmark
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return override(config, overrides)
 
 
 def max_leaf_diff(a, b) -> float:
