@@ -260,7 +260,7 @@ def catalog_sources(name: str, splits: Mapping[str, str], data_dir: str | None =
 # ----------------------------------------------------------------------------- built-in corpus
 
 
-def python_docs_documents(min_words: int = 20) -> list[str]:
+def python_docs_documents() -> list[str]:
     """English prose from the running Python: its help topics and stdlib docstrings (sorted, deduped)."""
     import pydoc_data.topics
 
@@ -279,9 +279,20 @@ def python_docs_documents(min_words: int = 20) -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc:
                     docs.add(doc)
-    # Paragraph breaks become single newlines: a document is one blank-line block.
-    cleaned = ("\n".join(line.strip() for line in doc.splitlines() if line.strip()) for doc in docs)
-    return sorted(d for d in cleaned if len(d.split()) >= min_words)
+    return sorted(docs)
+
+
+def prose_paragraphs(doc: str, min_words: int = 8) -> list[str]:
+    """A docstring's blank-line paragraphs as single lines, without code examples and short bits."""
+    paragraphs, lines = [], []
+    for line in doc.splitlines() + [""]:
+        if line.strip():
+            lines.append(line.strip())
+        elif lines:
+            paragraphs.append(lines)
+            lines = []
+    return [" ".join(p) for p in paragraphs
+            if not p[0].startswith((">>>", "...", "$")) and len(" ".join(p).split()) >= min_words]
 
 
 def builtin_corpus_files(name: str, cache_dir: str, valid_fraction: float = 0.05) -> dict[str, str]:
@@ -289,15 +300,16 @@ def builtin_corpus_files(name: str, cache_dir: str, valid_fraction: float = 0.05
     if name not in BUILTIN_CORPORA:
         raise DataError(f"data.name={name!r}; built-in corpora: {list(BUILTIN_CORPORA)}")
     docs = python_docs_documents()
-    digest = hashlib.sha256("\n\n".join(docs).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(("paragraphs-v2\n" + "\n\n".join(docs)).encode()).hexdigest()[:12]
     out_dir = os.path.join(cache_dir, f"{name}_{digest}")
     paths = {split: os.path.join(out_dir, f"{split}.txt") for split in ("train", "validation")}
     if all(os.path.isfile(p) for p in paths.values()):
         return paths
     os.makedirs(out_dir, exist_ok=True)
+    # Split by source docstring, so paragraphs of one docstring never straddle the splits.
     bucket = lambda d: int(hashlib.sha256(d.encode()).hexdigest(), 16) % 10_000
-    held_out = [d for d in docs if bucket(d) < valid_fraction * 10_000]
-    train = [d for d in docs if bucket(d) >= valid_fraction * 10_000]
+    held_out = [p for d in docs if bucket(d) < valid_fraction * 10_000 for p in prose_paragraphs(d)]
+    train = [p for d in docs if bucket(d) >= valid_fraction * 10_000 for p in prose_paragraphs(d)]
     for split, split_docs in (("train", train), ("validation", held_out)):
         tmp = paths[split] + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
