@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import sysconfig
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -295,21 +296,31 @@ def prose_paragraphs(doc: str, min_words: int = 8) -> list[str]:
             if not p[0].startswith((">>>", "...", "$")) and len(" ".join(p).split()) >= min_words]
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
+
+
+def prose_sentences(doc: str, min_words: int = 4) -> list[str]:
+    """The sentences of a docstring's prose paragraphs."""
+    return [s for p in prose_paragraphs(doc) for s in _SENTENCE_END.split(p)
+            if len(s.split()) >= min_words]
+
+
 def builtin_corpus_files(name: str, cache_dir: str, valid_fraction: float = 0.05) -> dict[str, str]:
     """Writes the built-in corpus once as paragraph files; returns {split: path}."""
     if name not in BUILTIN_CORPORA:
         raise DataError(f"data.name={name!r}; built-in corpora: {list(BUILTIN_CORPORA)}")
     docs = python_docs_documents()
-    digest = hashlib.sha256(("paragraphs-v2\n" + "\n\n".join(docs)).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(("sentences-v3\n" + "\n\n".join(docs)).encode()).hexdigest()[:12]
     out_dir = os.path.join(cache_dir, f"{name}_{digest}")
     paths = {split: os.path.join(out_dir, f"{split}.txt") for split in ("train", "validation")}
     if all(os.path.isfile(p) for p in paths.values()):
         return paths
     os.makedirs(out_dir, exist_ok=True)
-    # Split by source docstring, so paragraphs of one docstring never straddle the splits.
+    # One document per sentence: short documents let a small model pick up context within a
+    # few minutes. Split by source docstring, so one docstring never straddles the splits.
     bucket = lambda d: int(hashlib.sha256(d.encode()).hexdigest(), 16) % 10_000
-    held_out = [p for d in docs if bucket(d) < valid_fraction * 10_000 for p in prose_paragraphs(d)]
-    train = [p for d in docs if bucket(d) >= valid_fraction * 10_000 for p in prose_paragraphs(d)]
+    held_out = [p for d in docs if bucket(d) < valid_fraction * 10_000 for p in prose_sentences(d)]
+    train = [p for d in docs if bucket(d) >= valid_fraction * 10_000 for p in prose_sentences(d)]
     for split, split_docs in (("train", train), ("validation", held_out)):
         tmp = paths[split] + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
