@@ -15,6 +15,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Iterable
 
@@ -226,3 +228,28 @@ def parse_result(stdout: str) -> dict[str, Any]:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     raise ValueError("no RESULT line in the benchmark output:\n" + stdout[-2000:])
+
+
+def spawn(script: str, shape_name: str, argv: list[str], env: dict[str, str] | None = None
+          ) -> dict[str, Any]:
+    """Runs `script` for one shape in a fresh interpreter (for a per-configuration peak RSS)."""
+    cmd = [sys.executable, os.path.abspath(script), *argv, "--shape", shape_name, "--in_process"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise RuntimeError(f"{os.path.basename(script)} on shape {shape_name!r} failed "
+                           f"(exit {proc.returncode})")
+    return parse_result(proc.stdout)
+
+
+def summary_line(r: dict[str, Any], framework: str, flops_key: str, mfu_key: str) -> str:
+    """One human-readable line of a result record."""
+    mfu = r[mfu_key] if r[mfu_key] is not None else r["mfu_analytic"]
+    counted = flops_key.removeprefix("flops_per_step_")
+    return (f"[{framework} {r['shape']} B={r['batch_size']} L={r['seq_len']}] "
+            f"{r['tokens_per_s']:,.0f} tok/s | step {r['step_time_s'] * 1e3:.0f} ms "
+            f"(median of {r['steps']}, {r['cpu_s_per_step']:.2f} CPU-s) | FLOPs/step {counted} "
+            f"{r[flops_key] or 0:.3e} analytic {r['flops_per_step_analytic']:.3e} | MFU "
+            f"{100 * mfu:.1f}% of {r['peak_flops'] / 1e9:.0f} GFLOP/s | peak RSS "
+            f"{r['peak_rss_mb']:.0f} MiB | others used {100 * r['other_cpu_share']:.0f}% of the CPU "
+            f"| load {r['load_avg']}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
 import time
 from typing import Any
@@ -163,28 +162,6 @@ def run_one(shape_name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def spawn(shape_name: str, argv: list[str]) -> dict[str, Any]:
-    """Runs one shape in a fresh interpreter (the same one running this script)."""
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--shape", shape_name, "--in_process"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise RuntimeError(f"torch benchmark of shape {shape_name!r} failed (exit {proc.returncode})")
-    return common.parse_result(proc.stdout)
-
-
-
-def summary_line(r: dict[str, Any]) -> str:
-    """One human-readable line of a result record."""
-    mfu = r["mfu_counted"] if r["mfu_counted"] is not None else r["mfu_analytic"]
-    return (f"[torch_hf {r['shape']} B={r['batch_size']} L={r['seq_len']}] "
-            f"{r['tokens_per_s']:,.0f} tok/s | step {r['step_time_s'] * 1e3:.0f} ms "
-            f"(median of {r['steps']}, {r['cpu_s_per_step']:.2f} CPU-s) | FLOPs/step counted {r['flops_per_step_counted'] or 0:.3e} "
-            f"analytic {r['flops_per_step_analytic']:.3e} | MFU {100 * mfu:.1f}% of "
-            f"{r['peak_flops'] / 1e9:.0f} GFLOP/s | peak RSS {r['peak_rss_mb']:.0f} MiB | "
-            f"others used {100 * r['other_cpu_share']:.0f}% of the CPU | load {r['load_avg']}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see --help)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,9 +191,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--shape {name!r}; valid: {sorted(common.SHAPES)}")
     for name in shapes:
         record = (run_one(name, args) if args.in_process
-                  else spawn(name, common.strip_flag(common.strip_flag(argv, "--shape"), "--out")))
+                  else common.spawn(__file__, name, common.strip_flag(common.strip_flag(argv, "--shape"), "--out")))
         common.emit(record, args.out or None)
-        print(summary_line(record), flush=True)
+        print(common.summary_line(record, "torch_hf", "flops_per_step_counted", "mfu_counted"), flush=True)
 
 
 if __name__ == "__main__":
