@@ -67,18 +67,18 @@ class Checkpointer:
 
 
 def load_params(workdir: str, step: int | None = None) -> Any:
-    """The `params` of another run's checkpoint on this process's first device (for `init_from`).
+    """The `params` of a run's checkpoint (latest, or `step`) on this process's first device.
 
     Works whatever mesh saved it: every array is restored whole onto one device.
     """
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"init_from={workdir!r} has no {CHECKPOINT_DIR}/ directory")
+        raise FileNotFoundError(f"{workdir!r} has no {CHECKPOINT_DIR}/ directory: is it a run's workdir?")
     manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
     step = manager.latest_step() if step is None else step
     manager.close()
     if step is None:
-        raise FileNotFoundError(f"init_from={workdir!r} holds no finished checkpoint")
+        raise FileNotFoundError(f"{workdir!r} holds no finished checkpoint")
     path = os.path.join(directory, str(step), "state")
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(path)

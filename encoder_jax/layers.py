@@ -56,6 +56,43 @@ class EncoderConfig:
     def head_dim(self) -> int:
         return self.hidden_dim // self.num_heads
 
+    @classmethod
+    def from_config(cls, model_cfg: Any, vocab_size: int, *, ignore: tuple[str, ...] = (),
+                    **overrides: Any) -> "EncoderConfig":
+        """From `config.model` (a ConfigDict or mapping; dtypes by name), vocab from the tokenizer.
+
+        `ignore`: keys of the section that belong to the task, not the encoder
+        (e.g. classification's `pooling`); any other unknown key is an error.
+        `overrides` win over the section (e.g. a pretrained encoder's shape).
+        """
+        given = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg or {})
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "vocab_size"]
+        unknown = sorted(set(given) - set(names) - set(ignore))
+        if unknown:
+            raise KeyError(f"unknown config key model.{unknown[0]}; valid: {sorted(names)}")
+        values = {k: v for k, v in given.items() if k in names and v is not None}
+        return cls.from_json({**values, **overrides, "vocab_size": vocab_size})
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready field values (dtypes by name); `from_json` reads them back."""
+        values = dataclasses.asdict(self)
+        values["dtype"], values["param_dtype"] = jnp.dtype(self.dtype).name, jnp.dtype(self.param_dtype).name
+        return values
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> "EncoderConfig":
+        """From `to_json` output (unknown keys ignored, so older records still load)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k in names}
+        for name in ("dtype", "param_dtype"):
+            values.setdefault(name, "float32")
+            try:
+                values[name] = jnp.dtype(values[name])
+            except TypeError:
+                raise ValueError(f"model.{name}={values[name]!r}; valid: float32, bfloat16, "
+                                 f"float16") from None
+        return cls(**values)
+
 
 def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
     """Boolean mask (B, 1, L, L): query and key are real tokens of the same segment.

@@ -22,6 +22,23 @@ AVERAGES = ("macro", "micro", "weighted")
 REPORT_FILES = ("report.json", "report.md", "confusion_matrix.png", "roc_curves.png")
 
 
+def collect_outputs(outputs) -> dict[str, np.ndarray]:
+    """Per-batch eval outputs -> one array per key over the real rows, each example once."""
+    parts = list(outputs)
+    merged = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+    real = merged["weight"] > 0
+    merged = {k: v[real] for k, v in merged.items()}
+    _, first = np.unique(merged["index"], return_index=True)  # sorted by example index
+    return {k: v[first] for k, v in merged.items()}
+
+
+def softmax(logits_NxC: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (host numpy)."""
+    z_NxC = np.asarray(logits_NxC, np.float64)
+    z_NxC = np.exp(z_NxC - z_NxC.max(-1, keepdims=True))
+    return z_NxC / z_NxC.sum(-1, keepdims=True)
+
+
 def roc_auc_one_vs_rest(labels_N: np.ndarray, probs_NxC: np.ndarray
                         ) -> tuple[dict[int, float], list[int]]:
     """Per-class one-vs-rest ROC-AUC; classes without positives or negatives are skipped."""

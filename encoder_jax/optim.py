@@ -9,6 +9,8 @@ import jax
 import optax
 from flax import traverse_util
 
+from encoder_jax import configs
+
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad",
               "adafactor", "lamb", "lion")
 SCHEDULES = ("constant", "linear", "cosine", "rsqrt")
@@ -45,20 +47,19 @@ def decay_mask(params: Any) -> Any:
     return traverse_util.unflatten_dict(mask)
 
 
-def _base_optimizer(name: str, learning_rate, cfg) -> optax.GradientTransformation:
-    wd = cfg.get("weight_decay", 0.0)
-    b1, b2, eps = cfg.get("b1", 0.9), cfg.get("b2", 0.999), cfg.get("eps", 1e-6)
+def _base_optimizer(name: str, learning_rate, cfg: configs.OptConfig) -> optax.GradientTransformation:
+    wd, b1, b2, eps = cfg.weight_decay, cfg.b1, cfg.b2, cfg.eps
     if name == "sgd":
         return optax.sgd(learning_rate)
     if name in ("momentum", "nesterov"):
-        return optax.sgd(learning_rate, momentum=cfg.get("momentum", 0.9), nesterov=name == "nesterov")
+        return optax.sgd(learning_rate, momentum=cfg.momentum, nesterov=name == "nesterov")
     if name == "adam":
         return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
     if name == "adamw":
         return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)
     if name == "rmsprop":
-        return optax.rmsprop(learning_rate, decay=cfg.get("rms_decay", 0.9), eps=eps,
-                             momentum=cfg.get("momentum", 0.0) or None)
+        return optax.rmsprop(learning_rate, decay=cfg.rms_decay, eps=eps,
+                             momentum=cfg.momentum or None)
     if name == "adagrad":
         return optax.adagrad(learning_rate, eps=eps)
     if name == "adafactor":
@@ -66,7 +67,7 @@ def _base_optimizer(name: str, learning_rate, cfg) -> optax.GradientTransformati
     if name == "lamb":
         return optax.lamb(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)
     if name == "lion":
-        return optax.lion(learning_rate, b1=b1, b2=cfg.get("b2", 0.99), weight_decay=wd, mask=decay_mask)
+        return optax.lion(learning_rate, b1=b1, b2=b2, weight_decay=wd, mask=decay_mask)
     raise ValueError(f"opt.name={name!r}; valid: {list(OPTIMIZERS)}")
 
 
@@ -141,10 +142,11 @@ def build_optimizer(cfg, total_steps: int, trainable: Callable[[Any], Any] | Non
 
     `lr_scale` (path -> factor) multiplies each parameter's update, e.g. layer-wise decay.
     """
+    cfg = configs.section(configs.OptConfig, cfg, "opt")
     schedule = learning_rate_schedule(cfg.learning_rate, total_steps, cfg.warmup_steps,
-                                      cfg.schedule, cfg.get("end_lr_fraction", 0.0))
+                                      cfg.schedule, cfg.end_lr_fraction)
     parts = []
-    if cfg.get("grad_clip_norm"):
+    if cfg.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
     parts.append(_base_optimizer(cfg.name, schedule, cfg))
     if lr_scale is not None:

@@ -1,28 +1,43 @@
-"""Pretrained encoders for fine-tuning: one record type, whatever the origin.
+"""The one path from `init_from` / `init_from_hf` to pretrained encoder weights, for every task.
 
-`PretrainedEncoder` carries an encoder's shape (EncoderConfig), its tokenizer and
-a loader of its params. `load_mlm_run(workdir)` reads an encoder_jax MLM run
-(`config.init_from`); `interop.pretrained_encoder_from_hf(dir)` a Hugging Face
-BERT directory (`config.init_from_hf`); `pretrained_encoder(EncoderConfig,
-encoder params, tokenizer)` wraps anything else. `resolve_pretrained` maps the
-config fields to one of them (setting both is an error); add new sources there
-and in `INIT_FIELDS`.
+`resolve(config)` maps the config fields to a `PretrainedEncoder` — its shape
+(EncoderConfig), its tokenizer and a lazy loader of its params — whatever the
+origin: another run's workdir (`init_from`, read through `workdir`) or a Hugging
+Face BERT directory (`init_from_hf`, read through `hf_bert`). Setting both is an
+error. Tasks then start from it in one of two ways:
+
+  graft_encoder(fresh, pretrained)   the task's `encoder` subtree replaced exactly
+                                     (classification, translation, topic models)
+  merge_params(fresh, params)        every leaf the checkpoint has at the same path
+                                     (MLM continuation: encoder and MLM head)
+
+A new origin plugs in as another branch of `resolve` and a name in INIT_FIELDS.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import os
 from typing import Any, Callable
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from encoder_jax import checkpoint, configs, hf_bert
+from encoder_jax import workdir as workdir_lib
+from encoder_jax.data.wordpiece import WordPieceTokenizer
 from encoder_jax.layers import EncoderConfig
 
+log = logging.getLogger("encoder_jax")
+
+Params = dict[str, Any]
 INIT_FIELDS = ("init_from", "init_from_hf")  # config fields naming a pretrained encoder
+# config.model fields that describe training, not the checkpoint's shape: taken from the experiment.
+RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "remat", "dtype", "param_dtype",
+                  "use_pooler")
+SHAPE_FIELDS = ("hidden_dim", "num_layers", "num_heads", "mlp_dim", "max_len", "type_vocab_size",
+                "activation", "layer_norm_eps", "pre_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,62 +45,95 @@ class PretrainedEncoder:
     """A pretrained encoder: its shape, tokenizer, and a loader of its params (fresh starts only)."""
 
     config: EncoderConfig
-    load_params: Callable[[], Any]  # -> the `encoder` params subtree (host arrays)
+    load_params: Callable[[], Params]  # -> {"encoder", + heads it has} (host arrays)
     tokenizer: Any  # a data.tokenizer.Tokenizer
-    source: str  # named in error messages
+    source: str  # named in error messages, e.g. "init_from='runs/mlm'"
 
 
-def pretrained_encoder(encoder_cfg: EncoderConfig, encoder_params: Any, tokenizer,
-                       source: str = "pretrained") -> PretrainedEncoder:
-    """Wraps an in-memory encoder (e.g. converted from Hugging Face) for classification."""
-    return PretrainedEncoder(encoder_cfg, lambda: encoder_params, tokenizer, source)
+@dataclasses.dataclass
+class ImportedBert:
+    """A Hugging Face BERT checkpoint in this project's terms.
+
+    Attributes:
+      config: the encoder's shape and numerics (use_pooler: the checkpoint has a pooler).
+      params: `BertForMaskedLM` layout: {"encoder", and if the checkpoint has the
+        MLM head, "transform", "transform_norm", "output_bias"}.
+      classifier: {"kernel" (D, C), "bias" (C,)} of a sequence classifier, or None.
+      label_names: class names from `id2label` (classifier checkpoints), or None.
+      tokenizer: from `vocab.txt`, or None when the directory has none.
+      missing: Hugging Face tensor names this project's models have but the checkpoint lacks.
+      unused: checkpoint tensor names not imported (e.g. the next-sentence head).
+      weights_file: the file the weights came from.
+    """
+
+    config: EncoderConfig
+    params: Params
+    classifier: Params | None
+    label_names: list[str] | None
+    tokenizer: WordPieceTokenizer | None
+    missing: list[str]
+    unused: list[str]
+    weights_file: str
+
+    @property
+    def has_mlm_head(self) -> bool:
+        return "transform" in self.params
 
 
-def load_mlm_run(workdir: str, word_segmenter: str = "auto") -> PretrainedEncoder:
-    """An MLM run's encoder: its shape, its saved tokenizer (tokenizer.model or vocab.txt), lazy params."""
-    from encoder_jax import checkpoint
-    from encoder_jax.data import tokenizer as tokenizer_lib
+def import_hf(directory: str) -> ImportedBert:
+    """Reads a Hugging Face BERT directory into this project's config, params and tokenizer."""
+    hf_config = hf_bert.read_config(directory)
+    config = hf_bert.encoder_config(hf_config, os.path.join(directory, hf_bert.CONFIG_FILE))
+    tensors, weights_file = hf_bert.read_tensors(directory)
+    converted = hf_bert.from_hf(tensors, config, weights_file)
+    tokenizer = None
+    if os.path.isfile(os.path.join(directory, WordPieceTokenizer.FILENAME)):
+        tokenizer = WordPieceTokenizer.load(directory)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(f"{directory}: vocab.txt has {tokenizer.vocab_size} tokens but "
+                             f"config.json vocab_size={config.vocab_size}")
+    label_names = hf_bert.label_names(hf_config, converted.classifier)
+    config = dataclasses.replace(config, use_pooler="pooler" in converted.params["encoder"])
+    return ImportedBert(config=config, params=converted.params, classifier=converted.classifier,
+                        label_names=label_names, tokenizer=tokenizer, missing=converted.missing,
+                        unused=converted.unused, weights_file=weights_file)
 
-    try:
-        tokenizer = tokenizer_lib.load_saved(workdir, word_segmenter)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"init_from={workdir!r} has no tokenizer.model or vocab.txt: "
-                                f"is it an encoder_jax run's workdir?") from None
-    cfg = run_encoder_config(workdir, tokenizer.vocab_size)
+
+# ----------------------------------------------------------------------------- origins
+
+
+def from_hf(directory: str, word_segmenter: str = "auto") -> PretrainedEncoder:
+    """A Hugging Face BERT directory: config.json and vocab.txt now, the weights when loaded.
+
+    Its config carries a pooler (fresh if the checkpoint has none, as Hugging Face
+    does when fine-tuning).
+    """
+    hf_config = hf_bert.read_config(directory)
+    config = hf_bert.encoder_config(hf_config, os.path.join(directory, hf_bert.CONFIG_FILE))
+    if not os.path.isfile(os.path.join(directory, WordPieceTokenizer.FILENAME)):
+        raise FileNotFoundError(f"{directory}: no vocab.txt; initialising from a Hugging Face "
+                                f"BERT needs its WordPiece vocabulary")
+    tokenizer = WordPieceTokenizer.load(directory, word_segmenter)
+    return PretrainedEncoder(dataclasses.replace(config, use_pooler=True),
+                             lambda: import_hf(directory).params, tokenizer,
+                             f"init_from_hf={directory!r}")
+
+
+def from_run(run_dir: str, word_segmenter: str = "auto") -> PretrainedEncoder:
+    """Another run's workdir (MLM, classification, an imported checkpoint): record, tokenizer, params."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"init_from={run_dir!r} does not exist")
+    trained = workdir_lib.load_trained(run_dir, word_segmenter=word_segmenter, with_params=False)
+    source = f"init_from={run_dir!r}"
 
     def load_params():
-        params = checkpoint.load_params(workdir)
+        params = checkpoint.load_params(workdir_lib.checkpoint_source(run_dir))
         if "encoder" not in params:
-            raise ValueError(f"init_from={workdir!r}: its params have no 'encoder' subtree "
-                             f"(top level: {sorted(params)})")
-        return params["encoder"]
+            raise ValueError(f"{source}: its params have no 'encoder' subtree (top level: "
+                             f"{sorted(params)})")
+        return params
 
-    return PretrainedEncoder(cfg, load_params, tokenizer, f"init_from={workdir!r}")
-
-
-def run_encoder_config(workdir: str, vocab_size: int) -> EncoderConfig:
-    """An MLM run's shape: its encoder_config.json (written by init_from_hf runs) > config.json's model."""
-    from encoder_jax.interop import ENCODER_CONFIG_FILE
-    from encoder_jax.tasks.mlm import encoder_config
-
-    # An init_from_hf run's config.json still holds the experiment's default shape.
-    recorded_path = os.path.join(workdir, ENCODER_CONFIG_FILE)
-    if os.path.isfile(recorded_path):
-        with open(recorded_path, encoding="utf-8") as f:
-            recorded = json.load(f)
-        names = {field.name for field in dataclasses.fields(EncoderConfig)}
-        values = {k: v for k, v in recorded.items() if k in names}
-        for name in ("dtype", "param_dtype"):
-            if name in values:
-                values[name] = jnp.dtype(values[name])
-        return EncoderConfig(**values)
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"init_from={workdir!r} has no {ENCODER_CONFIG_FILE} or config.json: "
-                                f"is it an encoder_jax run's workdir?")
-    with open(config_path, encoding="utf-8") as f:
-        model = json.load(f).get("model", {})
-    return encoder_config(ml_collections.ConfigDict(model), vocab_size)
+    return PretrainedEncoder(trained.encoder_config, load_params, trained.tokenizer, source)
 
 
 def init_field(config) -> str | None:
@@ -102,31 +150,98 @@ def wants_pretrained(config) -> bool:
     return init_field(config) is not None
 
 
-def resolve_pretrained(config) -> PretrainedEncoder | None:
-    """The pretrained encoder named by `init_from` (an MLM run) or `init_from_hf` (a Hugging Face BERT)."""
+def resolve(config) -> PretrainedEncoder | None:
+    """The pretrained encoder named by `init_from` (a run) or `init_from_hf` (a Hugging Face BERT)."""
     field = init_field(config)
-    segmenter = config.tokenizer.get("word_segmenter", "auto")
+    if field is None:
+        return None
+    segmenter = configs.section(configs.TokenizerConfig, config.tokenizer, "tokenizer").word_segmenter
     if field == "init_from_hf":
-        from encoder_jax import interop
-
-        return interop.pretrained_encoder_from_hf(config.init_from_hf, segmenter)
-    if field == "init_from":
-        return load_mlm_run(config.init_from, segmenter)
-    return None
+        return from_hf(config.init_from_hf, segmenter)
+    return from_run(config.init_from, segmenter)
 
 
-def graft_encoder(params: Any, encoder_params: Any, source: str) -> Any:
-    """params with `encoder` replaced by the pretrained one; shapes must match exactly."""
+# ----------------------------------------------------------------------------- shapes
+
+
+def continued_config(pretrained: PretrainedEncoder, model_cfg) -> EncoderConfig:
+    """The pretrained shape and numerics with the experiment's runtime fields (dropout, dtypes, ...).
+
+    For continuing pretraining: `model.*` shape fields that differ are replaced (and logged).
+    """
+    given = configs.to_dict(model_cfg)
+    replaced = [f"{name} {given[name]!r} -> {getattr(pretrained.config, name)!r}"
+                for name in SHAPE_FIELDS
+                if given.get(name) is not None and given[name] != getattr(pretrained.config, name)]
+    if replaced:
+        log.info("model shape from %s: %s", pretrained.source, ", ".join(replaced))
+    runtime = {k: given[k] for k in RUNTIME_FIELDS if given.get(k) is not None}
+    return EncoderConfig.from_json({**pretrained.config.to_json(), **runtime})
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def fresh_pooler(config: EncoderConfig) -> Params:
+    """A pooler initialised as Hugging Face does: normal(init_std) kernel, zero bias (seed 0)."""
+    rng = np.random.default_rng(0)
+    return {"kernel": (config.init_std * rng.standard_normal(
+        (config.hidden_dim, config.hidden_dim))).astype(np.float32),
+        "bias": np.zeros((config.hidden_dim,), np.float32)}
+
+
+def graft_encoder(params: Params, pretrained: PretrainedEncoder, target: str = "encoder") -> Params:
+    """`params` with its `target` subtree replaced by the pretrained encoder; shapes must match.
+
+    A pretrained encoder without a pooler gets a fresh one when the model has one.
+    """
     from flax import traverse_util
 
-    want = traverse_util.flatten_dict(params["encoder"])
-    have = traverse_util.flatten_dict(encoder_params)
+    encoder = dict(pretrained.load_params()["encoder"])
+    if "pooler" in params[target] and "pooler" not in encoder:
+        log.info("%s: no pooler in the checkpoint; initialising a fresh one", pretrained.source)
+        encoder["pooler"] = fresh_pooler(pretrained.config)
+    want = traverse_util.flatten_dict(params[target])
+    have = traverse_util.flatten_dict(encoder)
     missing = sorted("/".join(p) for p in set(want) - set(have))
     if missing:
-        raise ValueError(f"{source}: the pretrained encoder lacks {missing[:5]} (different architecture)")
+        raise ValueError(f"{pretrained.source}: the pretrained encoder lacks {missing[:5]} "
+                         f"(different architecture)")
     for path, leaf in want.items():
         if np.shape(have[path]) != np.shape(leaf):
-            raise ValueError(f"{source}: encoder/{'/'.join(path)} has shape {np.shape(have[path])}, "
-                             f"this model needs {np.shape(leaf)} (vocab or hidden size differ)")
+            raise ValueError(f"{pretrained.source}: encoder/{'/'.join(path)} has shape "
+                             f"{np.shape(have[path])}, this model needs {np.shape(leaf)} "
+                             f"(vocab or hidden size differ)")
     grafted = {path: jnp.asarray(have[path], leaf.dtype) for path, leaf in want.items()}
-    return {**params, "encoder": traverse_util.unflatten_dict(grafted)}
+    return {**params, target: traverse_util.unflatten_dict(grafted)}
+
+
+def merge_params(fresh: Params, imported: Params, source: str = "pretrained") -> Params:
+    """`fresh` with every leaf that `imported` has at the same path replaced (cast to its dtype).
+
+    Shape mismatches raise; fresh leaves the import lacks stay and are logged,
+    as are imported leaves the model has no place for.
+    """
+    kept, dropped = [], []
+
+    def walk(fresh_node, imported_node, path):
+        if not isinstance(fresh_node, dict):
+            if imported_node is None:
+                kept.append(path)
+                return fresh_node
+            if isinstance(imported_node, dict) or tuple(imported_node.shape) != tuple(fresh_node.shape):
+                shape = "a subtree" if isinstance(imported_node, dict) else tuple(imported_node.shape)
+                raise ValueError(f"{source}: parameter {path} has shape {shape} in the checkpoint "
+                                 f"but {tuple(fresh_node.shape)} in the model")
+            return np.asarray(imported_node).astype(fresh_node.dtype)
+        imported_node = imported_node if isinstance(imported_node, dict) else {}
+        dropped.extend(f"{path}/{k}".lstrip("/") for k in imported_node if k not in fresh_node)
+        return {k: walk(v, imported_node.get(k), f"{path}/{k}".lstrip("/"))
+                for k, v in fresh_node.items()}
+
+    merged = walk(dict(fresh), imported, "")
+    if kept:
+        log.info("%s: freshly initialised (not in the checkpoint): %s", source, ", ".join(kept))
+    if dropped:
+        log.info("%s: checkpoint parameters not used by this model: %s", source, ", ".join(dropped))
+    return merged

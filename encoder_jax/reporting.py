@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
+from encoder_jax.workdir import METRICS_FILE
 
 
 class MetricWriter:

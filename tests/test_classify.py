@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from encoder_jax import checkpoint, metrics, optim, parallel, search, train
-from encoder_jax.data import classification as data_lib
+from encoder_jax.data import batching, classification as data_lib
 from encoder_jax.data.sources import DataError
 from encoder_jax.layers import EncoderConfig
 from encoder_jax.models import BertForClassification
@@ -154,7 +154,7 @@ def test_train_batches_keys_shapes_dtypes_and_exact_resume(news, data_cache):
 def test_eval_batches_count_every_example_exactly_once():
     examples = [{"ids": np.arange(2 + i % 7, dtype=np.int32), "type_ids": np.zeros(2 + i % 7, np.int32),
                  "label": i % 3, "index": i} for i in range(45)]
-    batches = list(data_lib.eval_batches(examples, global_batch=8, pad_lengths=(4, 8)))
+    batches = list(batching.eval_batches(examples, global_batch=8, pad_lengths=(4, 8)))
     assert len(batches) == 6  # 45 = 5 * 8 + 5: the last batch is padded, not dropped
     weights = np.concatenate([b["weight"] for b in batches])
     indices = np.concatenate([b["index"] for b in batches])[weights > 0]

@@ -1,4 +1,4 @@
-"""Local-file TFDS builder, readers, tokenizer, packing pipeline and its resumable iterator."""
+"""Local-file TFDS builder, readers, tokenizer, MLM packing pipeline and its resumable iterator."""
 
 import gzip
 import pickle
@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from encoder_jax.data import pipeline, sources
+from encoder_jax.data import mlm_packing, sources
 from encoder_jax.data.tokenizer import SentencePieceTokenizer
 
 from conftest import make_documents
@@ -83,8 +83,8 @@ def _source(docs):
 
 
 def test_packed_batches_pin_keys_shapes_and_dtypes(tokenizer):
-    data = pipeline.mlm_train_dataset(_source(make_documents(50)), tokenizer, seq_len=32,
-                                      batch_size=4, seed=0)
+    data = mlm_packing.mlm_train_dataset(_source(make_documents(50)), tokenizer, seq_len=32,
+                                         batch_size=4, seed=0)
     batch = next(iter(data))
     assert {k: (v.shape, v.dtype.name) for k, v in batch.items()} == {
         "ids": ((4, 32), "int32"), "segment_ids": ((4, 32), "int32"),
@@ -99,7 +99,7 @@ def test_packed_batches_pin_keys_shapes_and_dtypes(tokenizer):
 def test_eval_pass_keeps_every_token_and_pads_the_last_batch(tokenizer):
     docs = make_documents(23, seed=5)
     expected_tokens = sum(len(tokenizer.encode(d)) + 2 for d in docs)
-    batches = list(pipeline.mlm_eval_batches(_source(docs), tokenizer, seq_len=32, batch_size=4))
+    batches = list(mlm_packing.mlm_eval_batches(_source(docs), tokenizer, seq_len=32, batch_size=4))
     assert all(b["ids"].shape == (4, 32) for b in batches)
     real = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
     assert real == expected_tokens
@@ -107,8 +107,8 @@ def test_eval_pass_keeps_every_token_and_pads_the_last_batch(tokenizer):
 
 
 def test_iterator_state_resumes_the_exact_position(tokenizer):
-    make = lambda: pipeline.mlm_train_dataset(_source(make_documents(30)), tokenizer, seq_len=16,
-                                              batch_size=2, seed=3)
+    make = lambda: mlm_packing.mlm_train_dataset(_source(make_documents(30)), tokenizer, seq_len=16,
+                                                 batch_size=2, seed=3)
     first = iter(make())
     for _ in range(7):
         next(first)
@@ -122,14 +122,14 @@ def test_iterator_state_resumes_the_exact_position(tokenizer):
 
 def test_epochs_are_reshuffled(tokenizer):
     docs = [f"document number {i} words" for i in range(8)]
-    data = pipeline.mlm_train_dataset(_source(docs), tokenizer, seq_len=8, batch_size=1, seed=0)
+    data = mlm_packing.mlm_train_dataset(_source(docs), tokenizer, seq_len=8, batch_size=1, seed=0)
     it = iter(data)
     rows = [next(it)["ids"][0] for _ in range(20)]
     assert len({r.tobytes() for r in rows}) > 8
 
 
 def test_worker_processes_give_the_same_batches_and_resume(tokenizer):
-    make = lambda workers: pipeline.mlm_train_dataset(
+    make = lambda workers: mlm_packing.mlm_train_dataset(
         _source(make_documents(30)), tokenizer, seq_len=16, batch_size=2, seed=3, workers=workers)
     inline = iter(make(0))
     expected = [next(inline)["ids"] for _ in range(6)]

@@ -1,4 +1,4 @@
-"""Text-classification data: sources, label spaces, [CLS] a [SEP] (b [SEP]) encoding, batches.
+"""Text-classification data: sources, the toy dataset, [CLS] a [SEP] (b [SEP]) encoding, train stream.
 
 Every split is read as records `{"text_0": str, ["text_1": str, ...], "label": str | int}`:
 local csv/tsv(.gz) files go through the local-files TFDS builder of `sources`
@@ -6,18 +6,15 @@ local csv/tsv(.gz) files go through the local-files TFDS builder of `sources`
 `ag_news_subset`) through `catalog_sources` with its fields renamed. Labels and
 their checks live in `encoder_jax.data.labels`.
 
-Batches hold, for B rows padded to one of a few lengths L (`pad_lengths`):
+Batches (padded by `encoder_jax.data.batching`, which also cuts the length-grouped
+train and ordered eval batches) hold, for B rows padded to one of a few lengths L
+(`pad_lengths`):
   ids          int32   (B, L)  [CLS] a [SEP] (b [SEP]), 0 = padding
   type_ids     int32   (B, L)  0 for [CLS] a [SEP], 1 for b [SEP] (sentence pairs)
   segment_ids  int32   (B, L)  1 for real tokens, 0 for padding
   label        int32   (B,)    class index
   weight       float32 (B,)    1 for a real row, 0 for a padding row (last eval batch)
   index        int32   (B,)    position of the example in its split (eval), or in the stream (train)
-
-Training batches are length-grouped: a window of `group` global batches is
-sorted by length and cut into batches whose order is then shuffled, so rows in a
-batch have similar lengths and little padding. The window is a grain FlatMap,
-so the iterator state (and a resumed run) stays exact.
 """
 
 from __future__ import annotations
@@ -27,15 +24,16 @@ import dataclasses
 import json
 import os
 import random
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np
 
-from encoder_jax.data import sources
+from encoder_jax import configs
+from encoder_jax.data import batching, sources
 from encoder_jax.data.labels import LabelSpace, text_keys
 from encoder_jax.data.sources import DataError
-from encoder_jax.data.tokenizer import Tokenizer
+from encoder_jax.data.text import Tokenizer
 
 
 TEXT_MODES = ("join", "pair")
@@ -133,20 +131,20 @@ def open_splits(data_cfg, data_dir: str, need_validation: bool = True) -> dict[s
 
     data.files.train set -> local csv/tsv; else data.name is a built-in dataset
     (toy_topics) or a TFDS catalog name. Without `need_validation` (cross-validation)
-    a missing validation file is fine.
+    a missing validation file is fine. `data_cfg`: a `configs.ClassifyDataConfig`.
     """
+    data_cfg = configs.section(configs.ClassifyDataConfig, data_cfg, "data")
     text_fields = split_fields(data_cfg.text_fields, "data.text_fields")
     label_field = str(data_cfg.label_field)
-    files = data_cfg.get("files") or {}
-    train_files = sources.expand_files(files.get("train"), "data.files.train")
-    valid_files = sources.expand_files(files.get("validation"), "data.files.validation")
-    file_format, has_header = data_cfg.get("format") or "auto", bool(data_cfg.get("has_header", False))
-    if not train_files and data_cfg.get("name") in BUILTIN_DATASETS:
+    train_files = sources.expand_files(data_cfg.files.train, "data.files.train")
+    valid_files = sources.expand_files(data_cfg.files.validation, "data.files.validation")
+    file_format, has_header = data_cfg.format or "auto", data_cfg.has_header
+    if not train_files and data_cfg.name in BUILTIN_DATASETS:
         paths = toy_topics_files(os.path.join(data_dir, "builtin"))
         train_files, valid_files = [paths["train"]], [paths["validation"]]
         file_format, has_header = "csv", True
     elif not train_files:
-        if not data_cfg.get("name"):
+        if not data_cfg.name:
             raise DataError(f"set data.files.train (csv/tsv, .gz ok) or data.name (built-in: "
                             f"{list(BUILTIN_DATASETS)}, or a TFDS catalog name such as ag_news_subset)")
         raw = sources.catalog_sources(data_cfg.name, {"train": data_cfg.train_split,
@@ -187,12 +185,6 @@ class EncodingConfig:
             raise DataError("data.text_mode='pair' needs two or more data.text_fields")
         if self.max_len < 4:
             raise DataError(f"data.max_len={self.max_len} must be >= 4")
-
-
-def make_pad_lengths(requested: Sequence[int] | None, max_len: int) -> tuple[int, ...]:
-    """Sorted allowed lengths <= max_len, always ending at max_len."""
-    lengths = sorted({int(n) for n in (requested or ()) if 0 < int(n) < max_len} | {max_len})
-    return tuple(lengths)
 
 
 def truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
@@ -238,57 +230,6 @@ class EncodeRecord(grain.transforms.MapWithIndex):
         return {"ids": ids, "type_ids": types, "label": label, "index": index}
 
 
-def pad_examples(examples: Sequence[dict[str, Any]], rows: int, pad_lengths: Sequence[int]
-                 ) -> dict[str, np.ndarray]:
-    """Stacks examples into a batch of `rows` rows padded to the smallest fitting length."""
-    longest = max((len(e["ids"]) for e in examples), default=0)
-    length = next((n for n in pad_lengths if n >= longest), None)
-    if length is None:
-        raise DataError(f"an encoded row has {longest} tokens, more than data.max_len={pad_lengths[-1]}")
-    batch = {"ids": np.zeros((rows, length), np.int32), "type_ids": np.zeros((rows, length), np.int32),
-             "segment_ids": np.zeros((rows, length), np.int32), "label": np.zeros(rows, np.int32),
-             "weight": np.zeros(rows, np.float32), "index": np.full(rows, -1, np.int32)}
-    for row, e in enumerate(examples):
-        n = len(e["ids"])
-        batch["ids"][row, :n] = e["ids"]
-        batch["type_ids"][row, :n] = e["type_ids"]
-        batch["segment_ids"][row, :n] = 1
-        batch["label"][row] = max(int(e["label"]), 0)
-        batch["weight"][row] = 1.0
-        batch["index"][row] = e["index"]
-    return batch
-
-
-class LengthGroupedBatches(grain.experimental.FlatMapTransform):
-    """A window of `group` global batches -> this host's rows of each, length-sorted, shuffled.
-
-    Deterministic in the window's content, so grain's FlatMap iterator resumes exactly.
-    """
-
-    def __init__(self, global_batch: int, group: int, pad_lengths: Sequence[int], seed: int,
-                 shard_index: int = 0, shard_count: int = 1):
-        self.max_fan_out = group
-        self.global_batch, self.group = global_batch, group
-        self.pad_lengths, self.seed = tuple(pad_lengths), seed
-        self.rows = global_batch // shard_count
-        self.shard_index = shard_index
-
-    def flat_map(self, window: Sequence[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
-        order = sorted(range(len(window)), key=lambda i: (len(window[i]["ids"]), window[i]["index"]))
-        chunks = [order[k:k + self.global_batch] for k in range(0, len(order), self.global_batch)]
-        chunks = [c for c in chunks if len(c) == self.global_batch]
-        first = min(int(e["index"]) for e in window)
-        np.random.default_rng([self.seed, first]).shuffle(chunks)
-        lo = self.shard_index * self.rows
-        return [self._host_rows(window, chunk, lo) for chunk in chunks]
-
-    def _host_rows(self, window, chunk, lo):
-        # Every host pads to the global batch's length, so the global array has one shape.
-        global_len = max(len(window[i]["ids"]) for i in chunk)
-        lengths = [n for n in self.pad_lengths if n >= global_len] or [self.pad_lengths[-1]]
-        return pad_examples([window[i] for i in chunk[lo:lo + self.rows]], self.rows, lengths)
-
-
 def train_dataset(source, tokenizer: Tokenizer, labels: LabelSpace, cfg: EncodingConfig, *,
                   global_batch: int, seed: int, group: int = 8, shard_index: int = 0,
                   shard_count: int = 1, workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
@@ -302,7 +243,7 @@ def train_dataset(source, tokenizer: Tokenizer, labels: LabelSpace, cfg: Encodin
     dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     dataset = dataset.map_with_index(EncodeRecord(tokenizer, labels, cfg, getattr(source, "name", "train")))
     dataset = dataset.to_iter_dataset().batch(global_batch * max(1, group), batch_fn=list)
-    dataset = grain.experimental.FlatMapIterDataset(dataset, LengthGroupedBatches(
+    dataset = grain.experimental.FlatMapIterDataset(dataset, batching.LengthGroupedBatches(
         global_batch, max(1, group), cfg.pad_lengths, seed, shard_index, shard_count))
     if workers > 0:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
@@ -315,22 +256,6 @@ def encode_split(source, tokenizer: Tokenizer, labels: LabelSpace | None, cfg: E
     """Every record of a (held-out) split, encoded, in source order."""
     encode = EncodeRecord(tokenizer, labels, cfg, getattr(source, "name", "data"))
     return [encode.map_with_index(i, source[i]) for i in range(len(source))]
-
-
-def eval_batches(examples: Sequence[dict[str, Any]], *, global_batch: int,
-                 pad_lengths: Sequence[int], shard_index: int = 0, shard_count: int = 1
-                 ) -> Iterator[dict[str, np.ndarray]]:
-    """One pass, length-sorted; the last batch is padded with weight-0 rows, never dropped."""
-    if global_batch % shard_count:
-        raise DataError(f"eval.batch_size={global_batch} must divide by the process count {shard_count}")
-    rows = global_batch // shard_count
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i]["ids"]), i))
-    for start in range(0, len(order), global_batch):
-        chunk = [examples[i] for i in order[start:start + global_batch]]
-        global_len = max(len(e["ids"]) for e in chunk)
-        lengths = [n for n in pad_lengths if n >= global_len] or [pad_lengths[-1]]
-        # A host whose share of the last batch is empty yields padding rows only.
-        yield pad_examples(chunk[shard_index * rows:(shard_index + 1) * rows], rows, lengths)
 
 
 def example_batch(rows: int, length: int) -> dict[str, np.ndarray]:

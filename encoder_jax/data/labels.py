@@ -2,24 +2,23 @@
 
 Raw labels are integers (`index`: class = value - `data.label_base`) or names
 (`name`); class names come from `data.classes_file`, the TFDS catalog's label
-feature, or the training data (sorted names / 0..max). The workdir's
-labels.json records them, and a resumed run must agree.
+feature, or the training data (sorted names / 0..max). The run directory
+records them (`workdir.record_label_space`), and a resumed run must agree.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from encoder_jax import configs
 from encoder_jax.data.sources import DataError
 
 LABEL_FORMATS = ("auto", "index", "name")
-LABELS_FILE = "labels.json"
 
 
 def text_keys(count: int) -> list[str]:
@@ -103,19 +102,20 @@ def _is_int(value: Any) -> bool:
 def infer_label_space(data_cfg, raw_labels: Sequence[Any], declared: list[str] | None = None
                       ) -> LabelSpace:
     """Label space from config + the training labels: class file > declared names > the data."""
-    label_format = data_cfg.get("label_format", "auto")
+    data_cfg = configs.section(configs.ClassifyDataConfig, data_cfg, "data")
+    label_format = data_cfg.label_format
     if label_format not in LABEL_FORMATS:
         raise DataError(f"data.label_format={label_format!r}; valid: {list(LABEL_FORMATS)}")
-    names = read_class_names(data_cfg.classes_file) if data_cfg.get("classes_file") else declared
+    names = read_class_names(data_cfg.classes_file) if data_cfg.classes_file else declared
     if label_format == "auto":
         label_format = "index" if all(_is_int(v) for v in raw_labels) else "name"
     if label_format == "name":
         if names is None:
             names = sorted({str(v).strip() for v in raw_labels})
         return LabelSpace(tuple(names), "name", 0)
-    base = int(data_cfg.get("label_base", 0))
+    base = data_cfg.label_base
     if names is None:
-        count = data_cfg.get("num_classes") or (max(int(str(v)) for v in raw_labels) - base + 1)
+        count = data_cfg.num_classes or (max(int(str(v)) for v in raw_labels) - base + 1)
         names = [str(base + i) for i in range(int(count))]
     return LabelSpace(tuple(names), "index", base)
 
@@ -140,28 +140,3 @@ def encode_labels(labels: "LabelSpace", raw: Sequence[Any], name: str) -> np.nda
     """Raw labels -> class ids (N,) int32; the first bad one raises, naming its record."""
     return np.asarray([labels.encode(v, f"{name} record {i + 1}") for i, v in enumerate(raw)],
                       np.int32)
-
-
-def record_label_space(space: LabelSpace, workdir: str | None) -> None:
-    """Writes labels.json into the workdir; a resumed run's recorded classes must agree."""
-    if not workdir:
-        return
-    path = os.path.join(workdir, LABELS_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            recorded = LabelSpace.from_json(json.load(f))
-        if recorded != space:
-            raise DataError(f"{path} records classes {list(recorded.names)} but the data gives "
-                            f"{list(space.names)}: use a fresh --workdir for different labels")
-        return
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(space.to_json(), f, indent=2, ensure_ascii=False)
-
-
-def load_label_space(workdir: str) -> LabelSpace:
-    """The classes a classification run recorded in its workdir."""
-    path = os.path.join(workdir, LABELS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} does not exist: is {workdir!r} a classification run?")
-    with open(path, encoding="utf-8") as f:
-        return LabelSpace.from_json(json.load(f))

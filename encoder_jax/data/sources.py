@@ -364,14 +364,16 @@ def open_text_sources(data_cfg, cache_dir: str | None = None) -> dict[str, Decod
     """{'train', 'validation'} sources of {'text': str} records as chosen by `config.data`.
 
     `data.files.train` set -> local files; else `data.name` is a built-in corpus or
-    a TFDS catalog name.
+    a TFDS catalog name. `data_cfg` is a `configs.TextDataConfig` (or its section).
     """
-    data_dir = data_cfg.get("data_dir") or default_data_dir()
-    files = data_cfg.get("files") or {}
-    train_files = expand_files(files.get("train"), "data.files.train")
+    from encoder_jax import configs
+
+    data_cfg = configs.section(configs.TextDataConfig, data_cfg, "data")
+    data_dir = data_cfg.data_dir or cache_dir or default_data_dir()
+    train_files = expand_files(data_cfg.files.train, "data.files.train")
     if train_files:
         splits = {"train": train_files}
-        valid_files = expand_files(files.get("validation"), "data.files.validation")
+        valid_files = expand_files(data_cfg.files.validation, "data.files.validation")
         if not valid_files:
             raise DataError("data.files.validation is not set: give a held-out file for evaluation")
         splits["validation"] = valid_files
@@ -379,18 +381,17 @@ def open_text_sources(data_cfg, cache_dir: str | None = None) -> dict[str, Decod
         paths = builtin_corpus_files(data_cfg.name, os.path.join(data_dir, "builtin"))
         splits = {split: [path] for split, path in paths.items()}
     elif data_cfg.name:
-        return catalog_sources(data_cfg.name, {"train": data_cfg.get("train_split", "train"),
-                                               "validation": data_cfg.get("eval_split", "validation")},
-                               data_dir)
+        return catalog_sources(data_cfg.name, {"train": data_cfg.train_split,
+                                               "validation": data_cfg.eval_split}, data_dir)
     else:
         raise DataError(f"set data.files.train or data.name (built-in: {list(BUILTIN_CORPORA)}, "
                         f"or a TFDS catalog name)")
-    file_format = data_cfg.get("format") or "auto"
+    file_format = data_cfg.format or "auto"
     if not train_files:  # the built-in corpus is written as blank-line separated documents
         file_format = "paragraphs"
     elif file_format == "auto":
         file_format = infer_format(splits["train"])
-    columns = {"text": data_cfg.get("text_column", 0) if file_format in ("csv", "tsv") else 0}
+    columns = {"text": data_cfg.text_column if file_format in ("csv", "tsv") else 0}
     spec = LocalFilesSpec(splits=splits, file_format=file_format, columns=columns,
-                          has_header=bool(data_cfg.get("has_header", False)))
+                          has_header=data_cfg.has_header)
     return local_files_sources(spec, data_dir)

@@ -1,71 +1,27 @@
-"""Tokenizers behind one interface: sentencepiece (trained here or loaded) and others.
+"""Sentencepiece tokenizers (trained here, cached, or loaded) and the factory picking a run's tokenizer.
 
-Every tokenizer exposes the BERT special tokens `[PAD] [UNK] [CLS] [SEP] [MASK]`,
-`encode(text) -> ids` and `encode_words(text) -> (ids, word_starts)`; the
-latter marks the first sub-token of every word for whole-word masking. Words
-are whitespace-delimited for alphabetic text and come from jieba for Chinese.
+`get_tokenizer` chooses between sentencepiece and WordPiece (`data.wordpiece`)
+from the config and workdir; `load_saved` reloads what a run saved. The shared
+interface and word-start helpers live in `data.text`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
-import re
 import shutil
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator
 
-import numpy as np
+from encoder_jax.data.text import (CJK, SPECIAL_TOKENS, WORD_SEGMENTERS, Tokenizer,
+                                   char_to_byte_offsets, jieba_word_starts, tokens_starting_words)
+from encoder_jax.data.wordpiece import WordPieceTokenizer
 
 log = logging.getLogger("encoder_jax")
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-WORD_SEGMENTERS = ("whitespace", "jieba", "auto")
 MODEL_TYPES = ("unigram", "bpe")
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-
-
-class Tokenizer(Protocol):
-    """What tasks and pipelines need from a tokenizer."""
-
-    vocab_size: int
-    pad_id: int
-    unk_id: int
-    cls_id: int
-    sep_id: int
-    mask_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def encode_words(self, text: str) -> tuple[list[int], list[bool]]: ...
-
-    def decode(self, ids: Iterable[int]) -> str: ...
-
-    def save(self, directory: str) -> str: ...
-
-
-def special_ids(tokenizer: Tokenizer) -> np.ndarray:
-    """The ids that masking must never choose or produce."""
-    return np.array([tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id,
-                     tokenizer.sep_id, tokenizer.mask_id], np.int32)
-
-
-def jieba_word_starts(text: str) -> list[int]:
-    """Character offsets where jieba starts a word."""
-    import jieba  # imported lazily: it loads its dictionary on first use
-
-    jieba.setLogLevel(logging.WARNING)
-    starts, offset = [], 0
-    for word in jieba.cut(text):
-        if not word.isspace():
-            starts.append(offset)
-        offset += len(word)
-    return starts
-
-
-def whitespace_word_starts(text: str) -> list[int]:
-    """Character offsets where a whitespace-delimited word starts."""
-    return [m.start() for m in re.finditer(r"\S+", text)]
 
 
 class SentencePieceTokenizer:
@@ -149,11 +105,11 @@ class SentencePieceTokenizer:
         ids = [p.id for p in pieces]
         segmenter = self.word_segmenter
         if segmenter == "auto":
-            segmenter = "jieba" if _CJK.search(text) else "whitespace"
+            segmenter = "jieba" if CJK.search(text) else "whitespace"
         if segmenter == "whitespace":
             return ids, [p.piece.startswith("\u2581") or i == 0 for i, p in enumerate(pieces)]
-        byte_starts = _char_to_byte_offsets(text, jieba_word_starts(text))
-        return ids, _tokens_starting_words([(p.begin, p.end) for p in pieces], byte_starts)
+        byte_starts = char_to_byte_offsets(text, jieba_word_starts(text))
+        return ids, tokens_starting_words([(p.begin, p.end) for p in pieces], byte_starts)
 
 
 def _training_lines(texts: Iterable[str], limit: int) -> Iterator[str]:
@@ -168,36 +124,8 @@ def _training_lines(texts: Iterable[str], limit: int) -> Iterator[str]:
                     return
 
 
-def _char_to_byte_offsets(text: str, char_offsets: list[int]) -> list[int]:
-    byte_offsets, position, chars = [], 0, 0
-    wanted = iter(sorted(char_offsets))
-    target = next(wanted, None)
-    for ch in text:
-        while target is not None and target == chars:
-            byte_offsets.append(position)
-            target = next(wanted, None)
-        position += len(ch.encode("utf-8"))
-        chars += 1
-    return byte_offsets
-
-
-def _tokens_starting_words(spans: list[tuple[int, int]], word_starts: list[int]) -> list[bool]:
-    """A token begins a word when it is the first to cover a word start (byte offsets)."""
-    pending = sorted(word_starts)
-    flags, k = [], 0
-    for i, (begin, end) in enumerate(spans):
-        hit = False
-        while k < len(pending) and pending[k] < max(end, begin + 1):
-            hit = hit or pending[k] >= begin
-            k += 1
-        flags.append(hit or i == 0)
-    return flags
-
-
 def load_saved(directory: str, word_segmenter: str = "auto") -> Tokenizer:
     """The tokenizer a run saved in `directory`: tokenizer.model (sentencepiece) or vocab.txt (WordPiece)."""
-    from encoder_jax.data.wordpiece import WordPieceTokenizer
-
     for cls in (SentencePieceTokenizer, WordPieceTokenizer):
         if os.path.isfile(os.path.join(directory, cls.FILENAME)):
             return cls.load(os.path.join(directory, cls.FILENAME), word_segmenter)
@@ -207,11 +135,9 @@ def load_saved(directory: str, word_segmenter: str = "auto") -> Tokenizer:
 
 def _wordpiece_tokenizer(tok_cfg, workdir: str | None, segmenter: str):
     """A WordPiece tokenizer from the workdir's `vocab.txt` (resume) or `tokenizer.vocab_file`, else None."""
-    from encoder_jax.data.wordpiece import WordPieceTokenizer
-
     if workdir and os.path.isfile(os.path.join(workdir, WordPieceTokenizer.FILENAME)):
         return WordPieceTokenizer.load(workdir, segmenter)
-    if not tok_cfg.get("vocab_file"):
+    if not tok_cfg.vocab_file:
         return None
     tokenizer = WordPieceTokenizer.load(tok_cfg.vocab_file, segmenter)
     if workdir:
@@ -227,20 +153,20 @@ def get_tokenizer(tok_cfg, *, workdir: str | None, cache_dir: str, corpus_id: st
     A trained model is cached under `cache_dir` by corpus and options, so it is
     trained once per corpus; the chosen model is copied into the workdir.
     """
-    import hashlib
-    import json
+    from encoder_jax import configs
 
-    segmenter = tok_cfg.get("word_segmenter", "auto")
+    tok_cfg = configs.section(configs.TokenizerConfig, tok_cfg, "tokenizer")
+    segmenter = tok_cfg.word_segmenter
     in_workdir = os.path.join(workdir, SentencePieceTokenizer.FILENAME) if workdir else None
     if in_workdir and os.path.isfile(in_workdir):
         return SentencePieceTokenizer.load(in_workdir, segmenter)
     wordpiece = _wordpiece_tokenizer(tok_cfg, workdir, segmenter)
     if wordpiece is not None:
         return wordpiece
-    if tok_cfg.get("model_file"):
+    if tok_cfg.model_file:
         tokenizer = SentencePieceTokenizer.load(tok_cfg.model_file, segmenter)
     else:
-        options = {k: tok_cfg.get(k) for k in ("model_type", "vocab_size", "character_coverage",
+        options = {k: getattr(tok_cfg, k) for k in ("model_type", "vocab_size", "character_coverage",
                                                "max_sentences")}
         key = hashlib.sha256(json.dumps([corpus_id, options], sort_keys=True).encode()).hexdigest()[:16]
         cached = os.path.join(cache_dir, "tokenizers", f"spm_{key}.model")

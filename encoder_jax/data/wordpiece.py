@@ -21,8 +21,8 @@ import os
 import shutil
 from typing import Iterable
 
-from encoder_jax.data.tokenizer import (_CJK, SPECIAL_TOKENS, WORD_SEGMENTERS,
-                                        _tokens_starting_words, jieba_word_starts)
+from encoder_jax.data.text import (CJK, SPECIAL_TOKENS, WORD_SEGMENTERS, jieba_word_starts,
+                                   tokens_starting_words)
 
 CONFIG_FILENAME = "tokenizer_config.json"
 # tokenizer_config.json keys of the five special tokens, in SPECIAL_TOKENS order.
@@ -142,13 +142,13 @@ class WordPieceTokenizer:
         encoding = self._tk.encode(text, add_special_tokens=False)
         segmenter = self.word_segmenter
         if segmenter == "auto":
-            segmenter = "jieba" if _CJK.search(text) else "whitespace"
+            segmenter = "jieba" if CJK.search(text) else "whitespace"
         if segmenter == "whitespace":
             # BERT's basic-tokenizer words: every token that is not a "##" continuation.
             return encoding.ids, [not t.startswith("##") or i == 0
                                   for i, t in enumerate(encoding.tokens)]
         # `offsets` are character offsets into `text`, like jieba's word starts.
-        return encoding.ids, _tokens_starting_words(list(encoding.offsets), jieba_word_starts(text))
+        return encoding.ids, tokens_starting_words(list(encoding.offsets), jieba_word_starts(text))
 
 
 def read_options(path: str) -> dict:

@@ -14,6 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from encoder_jax import configs, pretrained as pretrained_lib
+from encoder_jax import workdir as workdir_lib
+from encoder_jax.data import mlm_packing, sources, tokenizer as tokenizer_lib
+from encoder_jax.data.text import special_ids
+from encoder_jax.layers import EncoderConfig
+from encoder_jax.models import BertForMaskedLM
+from encoder_jax.tasks.base import Task, stateless
+
 
 @dataclasses.dataclass(frozen=True)
 class MaskingConfig:
@@ -149,19 +157,53 @@ def summarize(sums: dict[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- task
 
 
-def encoder_config(model_cfg, vocab_size: int):
-    """EncoderConfig from `config.model` (dtype names resolved, vocab from the tokenizer)."""
-    from encoder_jax.layers import EncoderConfig
+def masking_config(mlm_cfg: configs.MaskedLmConfig, tokenizer, seq_len: int) -> MaskingConfig:
+    """`config.mlm` with the tokenizer's special ids; P = ceil(rate * seq_len) + 1 unless given."""
+    max_predictions = mlm_cfg.max_predictions or int(np.ceil(mlm_cfg.rate * seq_len)) + 1
+    return MaskingConfig(
+        mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+        special_ids=tuple(int(i) for i in special_ids(tokenizer)),
+        rate=mlm_cfg.rate, max_predictions=max_predictions, whole_word=mlm_cfg.whole_word,
+        mask_fraction=mlm_cfg.mask_fraction, random_fraction=mlm_cfg.random_fraction)
 
-    fields = {f.name for f in dataclasses.fields(EncoderConfig)}
-    values = {k: v for k, v in model_cfg.to_dict().items() if k in fields}
-    values["vocab_size"] = vocab_size
-    for name in ("dtype", "param_dtype"):
-        try:
-            values[name] = jnp.dtype(values.get(name, "float32"))
-        except TypeError:
-            raise ValueError(f"model.{name}={values[name]!r}; valid: float32, bfloat16, float16") from None
-    return EncoderConfig(**values)
+
+def model_and_loss(model_cfg: EncoderConfig, masking: MaskingConfig, seq_len: int):
+    """(init_params(rng), loss(params, batch, rng, train) -> (loss, sums)) of BertForMaskedLM.
+
+    Masks are drawn inside the loss from its rng. In evaluation the sums add
+    `target_counts`, the histogram of the targets (the unigram baseline).
+    """
+    model = BertForMaskedLM(model_cfg)
+
+    def init_params(rng):
+        ids = jnp.zeros((1, seq_len), jnp.int32)
+        return model.init(rng, ids, jnp.zeros((1, masking.max_predictions), jnp.int32))["params"]
+
+    def loss(params, batch, rng, train):
+        mask_rng, dropout_rng = jax.random.split(rng)
+        batch = mask_batch(mask_rng, batch, masking)
+        logits = model.apply({"params": params}, batch["masked_ids"], batch["masked_positions"],
+                             segment_ids=batch["segment_ids"], positions=batch["positions"],
+                             deterministic=not train, rngs={"dropout": dropout_rng})
+        value, sums = mlm_loss_and_metrics(logits, batch["targets"], batch["target_weights"])
+        if not train:
+            sums["target_counts"] = jnp.zeros(masking.vocab_size, jnp.float32).at[
+                batch["targets"].reshape(-1)].add(batch["target_weights"].reshape(-1))
+        return value, sums
+
+    return init_params, loss
+
+
+def summarize_with_baseline(sums: dict[str, Any]) -> dict[str, float]:
+    """`summarize`, plus the held-out unigram baseline (best constant predictor) in evaluation."""
+    counts = sums.pop("target_counts", None)
+    out = summarize(sums)
+    if counts is not None and counts.sum() > 0:
+        p = counts / counts.sum()
+        nz = p[p > 0]
+        out["unigram_loss"] = float(-(nz * np.log(nz)).sum())
+        out["unigram_accuracy"] = float(p.max())
+    return out
 
 
 def _check_enough_tokens(source, tokenizer, needed: int, text_field: str) -> None:
@@ -175,105 +217,69 @@ def _check_enough_tokens(source, tokenizer, needed: int, text_field: str) -> Non
                      f"batch of data.batch_size x data.seq_len = {needed}; add text or lower those")
 
 
-def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 1):
-    """The MLM task: data, tokenizer, model and loss from `config`."""
-    from encoder_jax.data import pipeline, sources, tokenizer as tokenizer_lib
-    from encoder_jax.models import BertForMaskedLM
-    from encoder_jax.tasks.base import Task
-
-    data_cfg = config.data
-    cache_dir = data_cfg.get("data_dir") or sources.default_data_dir()
-    splits = sources.open_text_sources(data_cfg, cache_dir)
-    train_source = splits["train"]
-    text_field = data_cfg.get("text_field", "text")
+def tokenizer_and_model(config, pretrained, data_cfg: configs.TextDataConfig, train_source,
+                        workdir: str | None, cache_dir: str):
+    """(tokenizer, EncoderConfig): a pretrained encoder's (continued pretraining), else trained here."""
+    if pretrained is not None:  # shape and tokenizer from the checkpoint; weights via init_from
+        return pretrained.tokenizer, pretrained_lib.continued_config(pretrained, config.model)
 
     def texts():
         for i in range(len(train_source)):
-            yield train_source[i][text_field]
+            yield train_source[i][data_cfg.text_field]
 
-    hf_dir = config.get("init_from_hf")
-    if hf_dir:  # model shape and tokenizer come from the checkpoint; its weights from init_from
-        from encoder_jax import interop
+    tokenizer = tokenizer_lib.get_tokenizer(
+        configs.section(configs.TokenizerConfig, config.tokenizer, "tokenizer"), workdir=workdir,
+        cache_dir=cache_dir, corpus_id=repr(train_source), texts=texts)
+    return tokenizer, EncoderConfig.from_config(config.model, tokenizer.vocab_size)
 
-        model_cfg, tokenizer = interop.load_config_for_init(
-            hf_dir, config.model, config.tokenizer.get("word_segmenter", "auto"))
-        if workdir and shard_index == 0:
-            tokenizer.save(workdir)
-            interop.save_encoder_config(workdir, model_cfg)
-    else:
-        tokenizer = tokenizer_lib.get_tokenizer(
-            config.tokenizer, workdir=workdir, cache_dir=cache_dir,
-            corpus_id=repr(train_source), texts=texts)
-        model_cfg = encoder_config(config.model, tokenizer.vocab_size)
-    mlm_cfg = config.mlm
+
+def host_rows(global_rows: int, shard_count: int, field: str) -> int:
+    """This process's share of a global batch; it must divide evenly."""
+    if global_rows % shard_count:
+        raise ValueError(f"{field}={global_rows} must divide by the process count {shard_count}")
+    return global_rows // shard_count
+
+
+def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 1) -> Task:
+    """The MLM task: data, tokenizer, model and loss from `config`."""
+    data_cfg = configs.section(configs.TextDataConfig, config.data, "data")
+    eval_cfg = configs.section(configs.EvalConfig, config.eval, "eval")
+    cache_dir = data_cfg.data_dir or sources.default_data_dir()
+    splits = sources.open_text_sources(data_cfg, cache_dir)
+    pretrained = pretrained_lib.resolve(config)
+    tokenizer, model_cfg = tokenizer_and_model(config, pretrained, data_cfg, splits["train"],
+                                               workdir, cache_dir)
     seq_len = data_cfg.seq_len
     if seq_len > model_cfg.max_len:
         raise ValueError(f"data.seq_len={seq_len} exceeds model.max_len={model_cfg.max_len}")
-    max_predictions = mlm_cfg.get("max_predictions") or int(np.ceil(mlm_cfg.rate * seq_len)) + 1
-    masking = MaskingConfig(
-        mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
-        special_ids=tuple(int(i) for i in tokenizer_lib.special_ids(tokenizer)),
-        rate=mlm_cfg.rate, max_predictions=max_predictions, whole_word=mlm_cfg.whole_word,
-        mask_fraction=mlm_cfg.mask_fraction, random_fraction=mlm_cfg.random_fraction)
-    model = BertForMaskedLM(model_cfg)
-    _check_enough_tokens(train_source, tokenizer, data_cfg.batch_size * seq_len, text_field)
-
-    global_batch = data_cfg.batch_size
-    if global_batch % shard_count:
-        raise ValueError(f"data.batch_size={global_batch} must divide by the process count {shard_count}")
-    host_batch = global_batch // shard_count
-    train_data = pipeline.mlm_train_dataset(
-        train_source, tokenizer, seq_len=seq_len, batch_size=host_batch, seed=config.seed,
-        text_field=text_field, shard_index=shard_index, shard_count=shard_count,
-        workers=data_cfg.get("workers", 0), prefetch=data_cfg.get("prefetch", 2))
-    example_batch = {"ids": np.zeros((host_batch, seq_len), np.int32),
-                     "segment_ids": np.ones((host_batch, seq_len), np.int32),
-                     "positions": np.zeros((host_batch, seq_len), np.int32),
-                     "word_starts": np.zeros((host_batch, seq_len), bool)}
-
-    def init_params(rng):
-        ids = jnp.zeros((1, seq_len), jnp.int32)
-        return model.init(rng, ids, jnp.zeros((1, max_predictions), jnp.int32))["params"]
-
-    def loss_fn(params, batch, rng, train):
-        mask_rng, dropout_rng = jax.random.split(rng)
-        batch = mask_batch(mask_rng, batch, masking)
-        logits = model.apply({"params": params}, batch["masked_ids"], batch["masked_positions"],
-                             segment_ids=batch["segment_ids"], positions=batch["positions"],
-                             deterministic=not train, rngs={"dropout": dropout_rng})
-        loss, sums = mlm_loss_and_metrics(logits, batch["targets"], batch["target_weights"])
-        if not train:
-            # Histogram of targets: the held-out unigram baseline (best constant predictor).
-            sums["target_counts"] = jnp.zeros(tokenizer.vocab_size, jnp.float32).at[
-                batch["targets"].reshape(-1)].add(batch["target_weights"].reshape(-1))
-        return loss, sums
-
-    eval_cfg = config.eval
-    eval_batch = eval_cfg.get("batch_size") or global_batch
-    if eval_batch % shard_count:
-        raise ValueError(f"eval.batch_size={eval_batch} must divide by the process count {shard_count}")
+    if workdir and shard_index == 0:
+        if pretrained is not None:
+            tokenizer.save(workdir)
+        workdir_lib.write_model_record(workdir, workdir_lib.ModelRecord("mlm", model_cfg))
+    masking = masking_config(configs.section(configs.MaskedLmConfig, config.mlm, "mlm"),
+                             tokenizer, seq_len)
+    _check_enough_tokens(splits["train"], tokenizer, data_cfg.batch_size * seq_len,
+                         data_cfg.text_field)
+    rows = host_rows(data_cfg.batch_size, shard_count, "data.batch_size")
+    train_data = mlm_packing.mlm_train_dataset(
+        splits["train"], tokenizer, seq_len=seq_len, batch_size=rows, seed=config.seed,
+        text_field=data_cfg.text_field, shard_index=shard_index, shard_count=shard_count,
+        workers=data_cfg.workers, prefetch=data_cfg.prefetch)
+    eval_rows = host_rows(eval_cfg.batch_size or data_cfg.batch_size, shard_count, "eval.batch_size")
 
     def eval_batches():
-        return pipeline.mlm_eval_batches(
-            splits["validation"], tokenizer, seq_len=seq_len, batch_size=eval_batch // shard_count,
-            text_field=text_field, shard_index=shard_index, shard_count=shard_count,
-            max_batches=eval_cfg.get("max_batches"))
+        return mlm_packing.mlm_eval_batches(
+            splits["validation"], tokenizer, seq_len=seq_len, batch_size=eval_rows,
+            text_field=data_cfg.text_field, shard_index=shard_index, shard_count=shard_count,
+            max_batches=eval_cfg.max_batches)
 
-    def summarize_with_baseline(sums):
-        counts = sums.pop("target_counts", None)
-        out = summarize(sums)
-        if counts is not None and counts.sum() > 0:
-            p = counts / counts.sum()
-            nz = p[p > 0]
-            out["unigram_loss"] = float(-(nz * np.log(nz)).sum())
-            out["unigram_accuracy"] = float(p.max())
-        return out
-
-    def init_from_hf(params):
-        return interop.merge_params(params, interop.load_for_init(hf_dir, config.model).params)
-
+    init_params, loss = model_and_loss(model_cfg, masking, seq_len)
+    init_from = None
+    if pretrained is not None:
+        init_from = lambda params: pretrained_lib.merge_params(params, pretrained.load_params(),
+                                                               pretrained.source)
     return Task(
-        name="mlm", init_params=init_params, loss_fn=loss_fn, train_data=train_data,
-        example_batch=example_batch, summarize=summarize_with_baseline,
+        name="mlm", init_params=init_params, loss_fn=stateless(loss), train_data=train_data,
+        example_batch=mlm_packing.example_batch(rows, seq_len), summarize=summarize_with_baseline,
         eval_batches=eval_batches, tokens_in_batch=lambda b: int((b["segment_ids"] > 0).sum()),
-        init_from=init_from_hf if hf_dir else None, artifacts=(type(tokenizer).FILENAME,))
+        init_from=init_from)

@@ -1,4 +1,4 @@
-"""Grain input pipelines: shuffle -> tokenize -> pack -> batch -> prefetch.
+"""MLM input pipelines: shuffle -> tokenize -> concat-then-split packing -> batch -> prefetch.
 
 Packed MLM batches hold, per row of length L:
   ids          int32 (B, L)  token ids, [CLS] doc [SEP] [CLS] doc [SEP] ..., 0 = padding
@@ -14,7 +14,8 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from encoder_jax.data.tokenizer import Tokenizer
+from encoder_jax.data.batching import pad_rows
+from encoder_jax.data.text import Tokenizer
 
 PACKED_FEATURES = ("ids", "word_starts")
 
@@ -74,14 +75,6 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    """Pads the leading axis with zero rows (segment 0 = padding, so they are ignored)."""
-    missing = batch_size - len(next(iter(batch.values())))
-    if missing <= 0:
-        return batch
-    return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
-
-
 def mlm_eval_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                      text_field: str = "text", shard_index: int = 0, shard_count: int = 1,
                      max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -92,4 +85,12 @@ def mlm_eval_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: 
     for i, batch in enumerate(dataset):
         if max_batches is not None and i >= max_batches:
             return
-        yield pad_batch(batch, batch_size)
+        yield pad_rows(batch, batch_size)
+
+
+def example_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
+    """A batch with the packed train keys, shapes and dtypes (for compiling)."""
+    return {"ids": np.zeros((rows, seq_len), np.int32),
+            "segment_ids": np.ones((rows, seq_len), np.int32),
+            "positions": np.zeros((rows, seq_len), np.int32),
+            "word_starts": np.zeros((rows, seq_len), bool)}

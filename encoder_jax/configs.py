@@ -1,0 +1,269 @@
+"""The config boundary: every config section the library reads, as a frozen dataclass.
+
+Experiment files (`experiments/*.py`, ml_collections) may set any field; the
+defaults live here and nowhere else. `section(cls, value, name)` reads one
+section once, at the top of the code that owns it, and hands the dataclass
+down; a ConfigDict, a dict or an instance of `cls` are all accepted, so a
+notebook can pass either. An unknown key or a value of the wrong type is a
+one-line error naming the field and the valid choices.
+
+The model section is read by `layers.EncoderConfig.from_config` (its fields
+are the model's own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from typing import Any, Mapping, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class FilesConfig:
+    """Local data files: comma-separated paths or globs (.gz ok); None: not given."""
+
+    train: str | None = None
+    validation: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDataConfig:
+    """`data` of MLM pretraining: a corpus of documents packed into rows."""
+
+    name: str | None = "python_docs"  # built-in corpus or a TFDS catalog name
+    files: FilesConfig = FilesConfig()  # local files; override name
+    format: str = "auto"  # auto | lines | paragraphs | wikiextractor | csv | tsv
+    text_column: str = "0"  # csv/tsv: header name or 0-based index
+    has_header: bool = False
+    text_field: str = "text"  # field of TFDS catalog records
+    train_split: str = "train"
+    eval_split: str = "validation"
+    data_dir: str | None = None  # prepared-data cache; None: $ENCODER_JAX_DATA_DIR or ~/.cache
+    seq_len: int = 128  # tokens per packed row
+    batch_size: int = 32  # global rows per optimizer step
+    workers: int = 0  # grain worker processes (0: the main process)
+    prefetch: int = 2  # batches buffered per worker
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifyDataConfig:
+    """`data` of text classification: labelled records, padded to a few lengths."""
+
+    name: str | None = None  # without files: built-in toy_topics or a TFDS catalog name
+    train_split: str = "train"
+    eval_split: str = "test"
+    files: FilesConfig = FilesConfig()
+    format: str = "auto"  # auto | csv | tsv
+    has_header: bool = False
+    text_fields: str = "text"  # comma-separated header names or 0-based indices
+    text_mode: str = "join"  # join | pair
+    join_separator: str = " "
+    label_field: str = "label"
+    label_format: str = "auto"  # auto | index | name
+    label_base: int = 0  # integer labels start here
+    classes_file: str | None = None
+    num_classes: int | None = None  # integer labels without names; None: max + 1
+    allow_empty_text: bool = False
+    max_train_examples: int | None = None  # a fixed random subset; None: all
+    subset_seed: int = 0
+    max_len: int = 128  # tokens per row incl. [CLS]/[SEP]
+    pad_lengths: tuple[int, ...] = (32, 48, 64, 96, 128)
+    length_group: int = 8  # batches per length-sorted window
+    batch_size: int = 32
+    data_dir: str | None = None
+    workers: int = 0
+    prefetch: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """`tokenizer`: a file to load, or how to train a sentencepiece model."""
+
+    model_file: str | None = None  # a sentencepiece .model; None: train one
+    vocab_file: str | None = None  # a WordPiece vocab.txt; wins over model_file
+    model_type: str = "unigram"  # unigram | bpe
+    vocab_size: int = 8000
+    character_coverage: float = 0.9995
+    max_sentences: int = 300_000  # lines sampled to train the tokenizer
+    word_segmenter: str = "auto"  # auto | whitespace | jieba
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedLmConfig:
+    """`mlm`: which tokens are predicted and how they are corrupted."""
+
+    rate: float = 0.15
+    max_predictions: int | None = None  # slots per row; None: ceil(rate * seq_len) + 1
+    whole_word: bool = False
+    mask_fraction: float = 0.8
+    random_fraction: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """`finetune`: what trains and how the classification loss is regularised."""
+
+    trainable: str = "all"  # all | head | top:K | re:<regex>
+    layer_lr_decay: float | None = None  # None: off
+    label_smoothing: float = 0.0
+    augment_delete: float = 0.0  # token deletion probability (training only)
+    augment_mask: float = 0.0  # [MASK] replacement probability
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+    """`opt`: optimizer, learning-rate schedule, clipping and accumulation."""
+
+    name: str = "adamw"
+    learning_rate: float = 1e-3  # peak
+    schedule: str = "linear"  # decay after warmup: constant | linear | cosine | rsqrt
+    warmup_steps: int = 0
+    end_lr_fraction: float = 0.0
+    weight_decay: float = 0.0  # decoupled (adamw / lamb / lion / adafactor)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    momentum: float = 0.9  # momentum / nesterov / rmsprop (0: none)
+    rms_decay: float = 0.9
+    grad_clip_norm: float = 0.0  # 0: no clipping
+    grad_accum_steps: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`train`: how long, how often to log, and the MFU reference."""
+
+    num_steps: int = 1000
+    log_every: int = 50
+    max_steps_per_run: int | None = None  # checkpoint and exit after this many; None: to the end
+    peak_flops_per_device: float | None = None  # None: measured matmul peak
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """`ckpt`: periodic Orbax checkpoints."""
+
+    every_steps: int = 1000
+    keep: int = 3
+    use_async: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`eval`: how often, on how much, and which metric keeps the best checkpoint."""
+
+    every_steps: int = 1000
+    batch_size: int | None = None  # None: data.batch_size
+    max_batches: int | None = None  # None: the whole split
+    best_metric: str | None = None  # None: no best checkpoint
+    best_mode: str = "auto"  # auto | max | min
+    early_stop_patience: int = 0  # 0: never stop early
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """`mesh`: devices on the parameter-sharding axis; the rest are data-parallel."""
+
+    fsdp: int = 1  # -1: all devices
+    min_shard_size: int = 2 ** 14  # smaller arrays stay replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """`predict`: --mode predict's input and output."""
+
+    input: str | None = None
+    output: str | None = None  # None: <workdir>/predictions.jsonl
+    text_fields: str | None = None  # None: data.text_fields
+    has_header: bool | None = None  # None: data.has_header
+    batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """`sweep`: --mode sweep's grid."""
+
+    grid: str = "{}"  # JSON {"dotted.field": [values, ...]}
+    index: int | None = None  # run only this index; None: all
+    repeats: int = 1
+    metric: str | None = None  # None: eval.best_metric
+
+
+@dataclasses.dataclass(frozen=True)
+class CvConfig:
+    """`cv`: stratified k-fold cross-validation."""
+
+    folds: int = 5
+    fold: int | None = None  # set per run by --mode cv; None: the validation split
+    seed: int = 0
+
+
+def to_dict(value: Any) -> dict[str, Any]:
+    """A ConfigDict / mapping / dataclass as a plain dict (nested values untouched)."""
+    if value is None:
+        return {}
+    if dataclasses.is_dataclass(value):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"expected a config section, got {type(value).__name__}")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _types(annotation: Any) -> set[type]:
+    """The runtime types a field annotation names (`int | None` -> {int, NoneType})."""
+    return {typing.get_origin(a) or a for a in (typing.get_args(annotation)
+                                                if typing.get_origin(annotation) is not tuple
+                                                else ()) or (annotation,)}
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    """`value` if the annotation admits it (lists become tuples, ints floats), else TypeError."""
+    types = _types(annotation)
+    if value is None and type(None) in types:
+        return None
+    if tuple in types and isinstance(value, (list, tuple)):
+        return tuple(value)
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if float in types and int not in types and is_int:
+        return float(value)
+    if isinstance(value, bool) == (bool in types) and isinstance(value, tuple(types)):
+        return value
+    if bool in types and isinstance(value, bool):
+        return value
+    wanted = " or ".join(sorted(t.__name__ for t in types if t is not type(None)))
+    raise TypeError(f"{name}={value!r} must be {wanted}" + (" or None" if type(None) in types else ""))
+
+
+def section(cls: type[T], value: Any, name: str) -> T:
+    """`value` (ConfigDict, mapping, None or a `cls`) read into `cls`; checks names and types.
+
+    Args:
+      cls: a frozen dataclass of this module.
+      value: the config section; None reads as all defaults.
+      name: the section's dotted name in the config, for error messages.
+    """
+    if isinstance(value, cls):
+        return value
+    given = to_dict(value)
+    types = _field_types(cls)
+    unknown = sorted(set(given) - set(types))
+    if unknown:
+        raise KeyError(f"unknown config key {name}.{unknown[0]}; valid: {sorted(types)}")
+    values = {}
+    for key, raw in given.items():
+        annotation = types[key]
+        if dataclasses.is_dataclass(annotation):
+            values[key] = section(annotation, raw, f"{name}.{key}")
+        else:
+            values[key] = _check_type(f"{name}.{key}", raw, annotation)
+    return cls(**values)
