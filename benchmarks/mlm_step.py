@@ -82,66 +82,45 @@ def synthetic_batch(shape: common.Shape, seed: int) -> dict[str, np.ndarray]:
 
 
 def build_task(config, shape: common.Shape):
-    """An MLM Task on synthetic data whose loss_fn is the train branch of `tasks.mlm.build`'s.
+    """An MLM Task on synthetic data whose model and loss are `tasks.mlm.model_and_loss`'s.
 
     Only the data and tokenizer are replaced (synthetic ids, NUM_SPECIAL special
     ids); model, masking and loss are the library's own functions.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from encoder_jax.models import BertForMaskedLM
+    from encoder_jax import configs
+    from encoder_jax.layers import EncoderConfig
     from encoder_jax.tasks import mlm
-    from encoder_jax.tasks.base import Task
+    from encoder_jax.tasks.base import Task, stateless
 
-    model_cfg = mlm.encoder_config(config.model, shape.vocab_size)
-    slots = config.mlm.get("max_predictions") or common.max_predictions(shape.seq_len, config.mlm.rate)
-    masking = mlm.MaskingConfig(
-        mask_id=MASK_ID, special_ids=tuple(range(NUM_SPECIAL)), vocab_size=shape.vocab_size,
-        rate=config.mlm.rate, max_predictions=slots, whole_word=config.mlm.whole_word,
-        mask_fraction=config.mlm.mask_fraction, random_fraction=config.mlm.random_fraction)
-    model = BertForMaskedLM(model_cfg)
-
-    def init_params(rng):
-        ids = jnp.zeros((1, shape.seq_len), jnp.int32)
-        return model.init(rng, ids, jnp.zeros((1, slots), jnp.int32))["params"]
-
-    def loss_fn(params, batch, rng, train):
-        # Same as the loss_fn in encoder_jax/tasks/mlm.py:build (train branch).
-        mask_rng, dropout_rng = jax.random.split(rng)
-        batch = mlm.mask_batch(mask_rng, batch, masking)
-        logits = model.apply({"params": params}, batch["masked_ids"], batch["masked_positions"],
-                             segment_ids=batch["segment_ids"], positions=batch["positions"],
-                             deterministic=not train, rngs={"dropout": dropout_rng})
-        return mlm.mlm_loss_and_metrics(logits, batch["targets"], batch["target_weights"])
-
-    example = synthetic_batch(shape, seed=0)
-    task = Task(name="mlm", init_params=init_params, loss_fn=loss_fn, train_data=None,
-                example_batch=example, summarize=mlm.summarize,
+    model_cfg = EncoderConfig.from_config(config.model, shape.vocab_size)
+    synthetic_tokenizer = type("SyntheticIds", (), dict(
+        pad_id=0, unk_id=1, cls_id=2, sep_id=3, mask_id=MASK_ID, vocab_size=shape.vocab_size))
+    masking = mlm.masking_config(configs.section(configs.MaskedLmConfig, config.mlm, "mlm"),
+                                 synthetic_tokenizer, shape.seq_len)
+    init_params, loss = mlm.model_and_loss(model_cfg, masking, shape.seq_len)
+    task = Task(name="mlm", init_params=init_params, loss_fn=stateless(loss), train_data=None,
+                example_batch=synthetic_batch(shape, seed=0), summarize=mlm.summarize,
                 tokens_in_batch=lambda b: int((b["segment_ids"] > 0).sum()))
-    return task, slots
+    return task, masking.max_predictions
 
 
 def compile_train_step(task, config, num_steps: int):
     """Initial state and the compiled train step, jitted as `encoder_jax.train.run` does."""
     import jax
-    import jax.numpy as jnp
 
-    from encoder_jax import optim, parallel, train
+    from encoder_jax import configs, optim, parallel, train
 
-    mesh = parallel.make_mesh(config.mesh.fsdp)
-    tx, schedule = optim.build_optimizer(config.opt, num_steps, task.trainable)
-
-    def init_state(rng):
-        params = task.init_params(rng)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
+    opt_cfg = configs.section(configs.OptConfig, config.opt, "opt")
+    mesh_cfg = configs.section(configs.MeshConfig, config.mesh, "mesh")
+    mesh = parallel.make_mesh(mesh_cfg.fsdp)
+    tx, schedule = optim.build_optimizer(opt_cfg, num_steps, task.trainable)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    abstract = jax.eval_shape(init_state, init_key)
-    shardings = parallel.state_shardings(abstract, mesh, config.mesh.get("min_shard_size", 2 ** 14))
+    abstract = jax.eval_shape(lambda rng: train.init_train_state(task, tx, rng), init_key)
+    shardings = parallel.state_shardings(abstract, mesh, mesh_cfg.min_shard_size)
     batch_sharding = parallel.batch_sharding(mesh)
-    state = jax.jit(init_state, out_shardings=shardings)(init_key)
-    step_fn = train.make_train_step(task, tx, schedule, config.opt.get("grad_accum_steps", 1))
+    state = jax.jit(lambda rng: train.init_train_state(task, tx, rng),
+                    out_shardings=shardings)(init_key)
+    step_fn = train.make_train_step(task, tx, schedule, opt_cfg.grad_accum_steps)
     example = parallel.put_batch(task.example_batch, batch_sharding)
     t0 = time.perf_counter()
     compiled = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, None),

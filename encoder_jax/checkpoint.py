@@ -67,7 +67,12 @@ class Checkpointer:
 
 
 def load_params(workdir: str, step: int | None = None) -> Any:
-    """The `params` of a run's checkpoint (latest, or `step`) on this process's first device.
+    """The `params` of a run's checkpoint (latest, or `step`) on this process's first device."""
+    return load_state(workdir, step)["params"]
+
+
+def load_state(workdir: str, step: int | None = None) -> Any:
+    """The whole train state of a run's checkpoint (latest, or `step`) on this process's first device.
 
     Works whatever mesh saved it: every array is restored whole onto one device.
     """
@@ -86,4 +91,4 @@ def load_params(workdir: str, step: int | None = None) -> Any:
     one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), tree)
-    return checkpointer.restore(path, target)["params"]
+    return checkpointer.restore(path, target)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import logging
@@ -22,6 +23,9 @@ import os
 from typing import Any
 
 import numpy as np
+
+from encoder_jax import configs
+from encoder_jax import workdir as workdir_lib
 
 log = logging.getLogger("encoder_jax")
 
@@ -80,6 +84,11 @@ def with_overrides(config, overrides: dict[str, Any]):
     return new
 
 
+def _sections(config) -> tuple[configs.SweepConfig, configs.CvConfig]:
+    return (configs.section(configs.SweepConfig, config.get("sweep"), "sweep"),
+            configs.section(configs.CvConfig, config.get("cv"), "cv"))
+
+
 def setting_name(point: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in point.items()) or "(config as given)"
 
@@ -88,11 +97,12 @@ def plan(config, workdir: str, mode: str) -> list[Run]:
     """Every run of the search, point-major: sweep repeats seeds, cv holds out each fold."""
     if mode not in MODES:
         raise ValueError(f"--mode {mode!r}; valid: {list(MODES)}")
-    replicas = int(config.cv.folds) if mode == "cv" else int(config.sweep.get("repeats", 1))
+    sweep, cv = _sections(config)
+    replicas = cv.folds if mode == "cv" else sweep.repeats
     if replicas < (2 if mode == "cv" else 1):
         raise ValueError(f"{'cv.folds' if mode == 'cv' else 'sweep.repeats'}={replicas} is too small")
     runs = []
-    for p, point in enumerate(grid_points(parse_grid(config.sweep.grid))):
+    for p, point in enumerate(grid_points(parse_grid(sweep.grid))):
         for r in range(replicas):
             extra = {"cv.fold": r} if mode == "cv" else {"seed": config.seed + r}
             name = f"fold_{r}" if mode == "cv" else f"seed_{r}"
@@ -103,11 +113,7 @@ def plan(config, workdir: str, mode: str) -> list[Run]:
 
 def read_result(run: Run) -> dict[str, float] | None:
     """A finished run's final metrics, or None."""
-    path = os.path.join(run.workdir, "final_eval.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return workdir_lib.read_json_if_exists(workdir_lib.path(run.workdir, workdir_lib.FINAL_EVAL_FILE))
 
 
 def run_one(config, run: Run) -> dict[str, float]:
@@ -121,17 +127,17 @@ def run_one(config, run: Run) -> dict[str, float]:
     log.info("run %d: %s -> %s", run.index, setting_name(run.overrides), run.workdir)
     sub = with_overrides(config, run.overrides)
     os.makedirs(run.workdir, exist_ok=True)
-    with open(os.path.join(run.workdir, "run.json"), "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(run), f, indent=2)
+    workdir_lib.write_json(os.path.join(run.workdir, "run.json"), dataclasses.asdict(run))
     return train.run(sub, run.workdir)
 
 
 def ranking(config) -> tuple[str, str]:
     """(metric, 'max' | 'min') that names the best setting."""
-    from encoder_jax.train import metric_mode
+    from encoder_jax.monitor import metric_mode
 
-    metric = config.sweep.get("metric") or config.eval.get("best_metric") or "accuracy"
-    return metric, metric_mode(metric, config.eval.get("best_mode", "auto"))
+    eval_cfg = configs.section(configs.EvalConfig, config.eval, "eval")
+    metric = _sections(config)[0].metric or eval_cfg.best_metric or "accuracy"
+    return metric, metric_mode(metric, eval_cfg.best_mode)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -167,19 +173,13 @@ def write_tables(summary: dict[str, Any], workdir: str, title: str) -> list[str]
     """runs.csv, results.csv, results.md and best.json from `summarize_runs`."""
     names = summary["metrics"]
     paths = [os.path.join(workdir, n) for n in ("runs.csv", "results.csv", "results.md", "best.json")]
-    with open(paths[0], "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["run", "point", "replica", "overrides", "workdir", *names])
-        for run in summary["runs"]:
-            result = run["result"] or {}
-            writer.writerow([run["index"], run["point"], run["replica"], json.dumps(run["overrides"]),
-                             run["workdir"], *[result.get(m, "") for m in names]])
-    with open(paths[1], "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["point", "setting", "runs", *[f"{m}_{s}" for m in names for s in ("mean", "std")]])
-        for e in summary["points"]:
-            cells = [v for m in names for v in e["metrics"].get(m, ("", ""))]
-            writer.writerow([e["point"], setting_name(e["setting"]), f"{e['runs']}/{e['total']}", *cells])
+    _write_csv(paths[0], ["run", "point", "replica", "overrides", "workdir", *names], [
+        [run["index"], run["point"], run["replica"], json.dumps(run["overrides"]), run["workdir"],
+         *[(run["result"] or {}).get(m, "") for m in names]] for run in summary["runs"]])
+    _write_csv(paths[1], ["point", "setting", "runs",
+                          *[f"{m}_{s}" for m in names for s in ("mean", "std")]], [
+        [e["point"], setting_name(e["setting"]), f"{e['runs']}/{e['total']}",
+         *[v for m in names for v in e["metrics"].get(m, ("", ""))]] for e in summary["points"]])
     best = summary["best"]
     lines = [f"# {title}", "", f"Ranked by {summary['metric']} ({summary['mode']}); mean ± std over runs.",
              "", "| point | setting | runs | " + " | ".join(names) + " |",
@@ -194,22 +194,28 @@ def write_tables(summary: dict[str, Any], workdir: str, title: str) -> list[str]
         mean, std = best["metrics"][summary["metric"]]
         lines += ["", f"**Best setting:** {setting_name(best['setting'])} — {summary['metric']} "
                       f"{mean:.4f} ± {std:.4f} over {best['runs']} run(s)."]
-    with open(paths[2], "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(paths[3], "w", encoding="utf-8") as f:
-        json.dump({"metric": summary["metric"], "mode": summary["mode"], "best": best}, f, indent=2)
+    workdir_lib.write_text(paths[2], "\n".join(lines) + "\n")
+    workdir_lib.write_json(paths[3], {"metric": summary["metric"], "mode": summary["mode"], "best": best})
     return paths
+
+
+def _write_csv(path: str, header: list[str], rows: list[list[Any]]) -> None:
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    workdir_lib.write_text(path, buffer.getvalue())
 
 
 def search(config, workdir: str, mode: str) -> dict[str, Any]:
     """Runs the search's runs (all, or `sweep.index` only), then writes the tables; returns the summary."""
     runs = plan(config, workdir, mode)
-    index = config.sweep.get("index")
+    index = _sections(config)[0].index
     if index is not None and not 0 <= index < len(runs):
         raise ValueError(f"sweep.index={index}; valid: 0..{len(runs) - 1} ({len(runs)} runs)")
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "search.json"), "w", encoding="utf-8") as f:
-        json.dump({"mode": mode, "runs": [dataclasses.asdict(r) for r in runs]}, f, indent=2)
+    workdir_lib.write_json(os.path.join(workdir, "search.json"),
+                           {"mode": mode, "runs": [dataclasses.asdict(r) for r in runs]})
     for run in runs if index is None else [runs[index]]:
         run_one(config, run)
     metric, metric_order = ranking(config)

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from encoder_jax import checkpoint, metrics, optim, parallel, search, train
+from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, classification as data_lib
 from encoder_jax.data.sources import DataError
 from encoder_jax.layers import EncoderConfig
@@ -177,16 +178,17 @@ def test_whole_split_metrics_equal_scikit_learn_on_fixed_logits(news, data_cache
     logits_NxC = np.random.default_rng(0).normal(size=(len(dev), 3)).astype(np.float32)
     logits_NxC[np.arange(0, 45, 2), labels_N[::2]] += 1.5  # better than chance, not perfect
 
-    def fake_eval(params, batch, rng):
+    def fake_eval(params, model_state, batch, rng, step):
         logits_BxC = jnp.asarray(logits_NxC)[jnp.maximum(batch["index"], 0)]
         return {"logits": logits_BxC, "label": batch["label"], "weight": batch["weight"],
                 "index": batch["index"], "loss": optax.softmax_cross_entropy_with_integer_labels(
                     logits_BxC, batch["label"])}
 
     sharding = parallel.batch_sharding(parallel.make_mesh(1))
-    summary = train.evaluate(task, jax.jit(fake_eval), {}, sharding, jax.random.key(0))
+    state = {"params": {}, "step": jnp.zeros((), jnp.int32)}
+    summary = train.evaluate(task, jax.jit(fake_eval), state, sharding, jax.random.key(0))
     preds_N = logits_NxC.argmax(-1)
-    probs_NxC = classify.softmax(logits_NxC)
+    probs_NxC = metrics.softmax(logits_NxC)
     assert summary["num_examples"] == 45
     assert summary["accuracy"] == pytest.approx(accuracy_score(labels_N, preds_N))
     for average in ("macro", "micro", "weighted"):
@@ -251,8 +253,8 @@ def test_augmentation_deletes_and_masks_only_regular_tokens():
 
 def run_steps(task, opt_cfg, steps=3, lr_scale=None):
     tx, schedule = optim.build_optimizer(opt_cfg, 10, task.trainable, lr_scale)
-    params = task.init_params(jax.random.key(0))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = train.init_train_state(task, tx, jax.random.key(0))
+    params = state["params"]
     step = jax.jit(train.make_train_step(task, tx, schedule))
     batches = iter(task.train_data)
     for _ in range(steps):
@@ -285,7 +287,7 @@ def params_and_grads(news, data_cache):
     """The tiny task's init params and one batch's gradients (compiled once for all optimizers)."""
     task = build(news_config(news, data_cache))
     params = task.init_params(jax.random.key(0))
-    grad_fn = jax.jit(jax.grad(lambda p, b: task.loss_fn(p, b, jax.random.key(1), True)[0]))
+    grad_fn = jax.jit(jax.grad(lambda p, b: task.loss_fn(p, None, b, jax.random.key(1), 0, True)[0]))
     return params, grad_fn(params, next(iter(task.train_data)))
 
 
@@ -371,7 +373,7 @@ def test_early_stopping_keeps_the_best_checkpoint_and_stays_stopped(news, data_c
     best = json.load(open(os.path.join(workdir, "best.json")))
     assert best["stopped"] and best["step"] == 1 and best["mode"] == "min"
     assert json.load(open(os.path.join(workdir, "final_eval.json")))["step"] == 2
-    assert checkpoint.Checkpointer(os.path.join(workdir, train.BEST_DIR)).latest_step() == 1
+    assert checkpoint.Checkpointer(os.path.join(workdir, workdir_lib.BEST_DIR)).latest_step() == 1
     train.run(config, workdir)  # a stopped run does not train on
     assert [r["step"] for r in read_metrics(workdir, "train")][-1] == 2
 
@@ -380,14 +382,13 @@ def make_mlm_workdir(path, tokenizer):
     """An MLM run's workdir as train.run leaves it (config.json, tokenizer.model, checkpoint)."""
     import bert_mlm
     from encoder_jax.models import BertForMaskedLM
-    from encoder_jax.tasks.mlm import encoder_config
 
     config = bert_mlm.get_config("smoke")
     os.makedirs(path)
     tokenizer.save(path)
     with open(os.path.join(path, "config.json"), "w") as f:
         f.write(config.to_json_best_effort())
-    model = BertForMaskedLM(encoder_config(config.model, tokenizer.vocab_size))
+    model = BertForMaskedLM(EncoderConfig.from_config(config.model, tokenizer.vocab_size))
     params = model.init(jax.random.key(7), jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 2), jnp.int32))
     params = jax.tree_util.tree_map(lambda x: x + 0.5, params["params"])  # unlike any fresh init
     saver = checkpoint.Checkpointer(path, keep=1, use_async=False)
@@ -419,8 +420,9 @@ def test_init_from_restores_the_mlm_encoder_and_tokenizer_exactly(data_cache, ne
 
     params = build(news_config(news, data_cache)).init_params(jax.random.key(0))
     wrong = jax.tree_util.tree_map(lambda x: np.zeros((x.shape[0] + 1, *x.shape[1:])), want)
+    source = pretrained.PretrainedEncoder(None, lambda: {"encoder": wrong}, None, "init_from='x'")
     with pytest.raises(ValueError, match=r"token_embed/embedding has shape .*vocab or hidden size differ"):
-        pretrained.graft_encoder(params, wrong, "init_from='x'")
+        pretrained.graft_encoder(params, source)
 
 
 def test_sweep_runs_by_index_then_completes_its_tables(news, data_cache, tmp_path):

@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from encoder_jax import interop  # noqa: E402
+from encoder_jax import workdir as workdir_lib  # noqa: E402
 from encoder_jax.data.wordpiece import WordPieceTokenizer  # noqa: E402
 from encoder_jax.layers import EncoderConfig  # noqa: E402
 from encoder_jax.models import BertEncoder, BertForClassification, BertForMaskedLM  # noqa: E402
@@ -343,11 +344,13 @@ def test_missing_encoder_tensors_are_named(tmp_path):
 
 def test_merge_params_checks_shapes():
     fresh = {"encoder": {"w": np.zeros((2, 3), np.float32)}, "head": np.zeros(2, np.float32)}
-    merged = interop.merge_params(fresh, {"encoder": {"w": np.ones((2, 3))}, "extra": np.ones(1)})
+    from encoder_jax import pretrained
+
+    merged = pretrained.merge_params(fresh, {"encoder": {"w": np.ones((2, 3))}, "extra": np.ones(1)})
     assert merged["encoder"]["w"].dtype == np.float32 and merged["encoder"]["w"].sum() == 6
     assert merged["head"].sum() == 0
     with pytest.raises(ValueError, match=r"encoder/w has shape \(3, 2\)"):
-        interop.merge_params(fresh, {"encoder": {"w": np.ones((3, 2))}})
+        pretrained.merge_params(fresh, {"encoder": {"w": np.ones((3, 2))}})
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -362,7 +365,8 @@ def test_mlm_continues_from_hf_then_exports(corpus_files, data_cache, tmp_path):
         "init_from_hf": str(tmp_path / "hf"), "train.num_steps": 2, "eval.every_steps": 2})
     workdir = tmp_path / "run"
     train.run(config, str(workdir))
-    assert (workdir / "vocab.txt").is_file() and (workdir / "encoder_config.json").is_file()
+    assert (workdir / "vocab.txt").is_file()
+    assert json.loads((workdir / "model.json").read_text())["encoder"]["hidden_dim"] == 64
     imported = interop.import_hf(str(tmp_path / "hf")).params
     trained = checkpoint.load_params(str(workdir))
     step = np.abs(np.asarray(trained["encoder"]["token_embed"]["embedding"])
@@ -371,7 +375,7 @@ def test_mlm_continues_from_hf_then_exports(corpus_files, data_cache, tmp_path):
     assert interop.main(["export", str(workdir), str(tmp_path / "out")]) == 0
     model, _, info = hf_state(tmp_path / "out", "BertForMaskedLM")
     assert not info["missing_keys"]
-    config_here = interop.config_from_params(trained)
+    config_here = workdir_lib.load_trained(str(workdir)).encoder_config
     batch = make_batch(config_here.vocab_size)
     diff = max_diff(mlm_logits(trained, config_here, batch), hf_forward(model, batch).logits.numpy(),
                     batch["mask"].astype(bool))
@@ -382,7 +386,7 @@ def test_mlm_continues_from_hf_then_exports(corpus_files, data_cache, tmp_path):
 def test_cli_import_then_export_round_trip(tmp_path):
     original = make_hf_dir(tmp_path / "hf", "BertForPreTraining")
     assert interop.main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
-    assert json.loads((tmp_path / "imported" / "encoder_config.json").read_text())["num_layers"] == 2
+    assert json.loads((tmp_path / "imported" / "model.json").read_text())["encoder"]["num_layers"] == 2
     assert interop.main(["export", str(tmp_path / "imported"), str(tmp_path / "out")]) == 0
     _, exported, info = hf_state(tmp_path / "out", "BertForMaskedLM")
     assert not info["missing_keys"]
@@ -393,16 +397,16 @@ def test_cli_import_then_export_round_trip(tmp_path):
 
 
 def test_classification_seam_takes_a_hugging_face_encoder(tmp_path):
-    """pretrained_encoder_from_hf plugs into pretrained.graft_encoder; a missing pooler is made fresh."""
+    """pretrained.from_hf plugs into pretrained.graft_encoder; a missing pooler is made fresh."""
     from encoder_jax import pretrained
 
     model = make_hf_dir(tmp_path, "BertForMaskedLM")
-    source = interop.pretrained_encoder_from_hf(str(tmp_path))
+    source = pretrained.from_hf(str(tmp_path))
     assert source.config.use_pooler and source.tokenizer.vocab_size == source.config.vocab_size
     batch = make_batch(source.config.vocab_size)
     fresh = BertForClassification(source.config, num_classes=3).init(
         jax.random.key(0), jnp.asarray(batch["ids"]))["params"]
-    params = pretrained.graft_encoder(fresh, source.load_params(), source.source)
+    params = pretrained.graft_encoder(fresh, source)
     hidden, _ = BertEncoder(source.config).apply(
         {"params": params["encoder"]}, jnp.asarray(batch["ids"]), **our_inputs(batch))
     hf_hidden = hf_forward(model, batch).hidden_states[-1].numpy()
@@ -422,11 +426,15 @@ def test_export_reads_a_classification_workdir(tmp_path):
     """Label names from labels.json ({"names": ...} as the classification task writes it)."""
     make_hf_dir(tmp_path / "hf", "BertForSequenceClassification", num_labels=2, hidden_act="gelu_new")
     interop.write_import(interop.import_hf(str(tmp_path / "hf")), str(tmp_path / "run"))
-    os.remove(tmp_path / "run" / "encoder_config.json")
-    (tmp_path / "run" / "model.json").write_text(json.dumps({"encoder": {"activation": "gelu_tanh"}}))
-    (tmp_path / "run" / "labels.json").write_text(json.dumps({"names": ["no", "yes"], "kind": "name"}))
-    _, config, tokenizer, labels = interop.read_workdir(str(tmp_path / "run"))
-    assert config.activation == "gelu_tanh" and labels == ["no", "yes"] and tokenizer is not None
+    record = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert record["encoder"]["activation"] == "gelu_tanh"
+    (tmp_path / "run" / "model.json").write_text(json.dumps(  # as a classification run records it
+        {"encoder": record["encoder"], "num_classes": 2, "pooling": "first"}))
+    (tmp_path / "run" / "labels.json").write_text(json.dumps(
+        {"names": ["no", "yes"], "kind": "name", "base": 0}))
+    run = workdir_lib.load_trained(str(tmp_path / "run"))
+    assert run.record.task == "classify" and run.encoder_config.activation == "gelu_tanh"
+    assert run.labels.names == ("no", "yes") and run.tokenizer is not None
     assert interop.main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
     exported = json.loads((tmp_path / "out" / "config.json").read_text())
     assert exported["id2label"] == {"0": "no", "1": "yes"} and exported["hidden_act"] == "gelu_new"
@@ -553,7 +561,7 @@ def test_classification_fine_tunes_from_hf_through_launch_resumes_and_predicts(t
 
 
 def test_classification_from_an_mlm_run_continued_from_hf(corpus_files, data_cache, tmp_path):
-    """init_from an init_from_hf MLM run: shape from its encoder_config.json, its vocab.txt, its encoder."""
+    """init_from an init_from_hf MLM run: shape from its model.json, its vocab.txt, its encoder."""
     from encoder_jax import checkpoint, train
 
     make_hf_dir(tmp_path / "hf", "BertForMaskedLM")

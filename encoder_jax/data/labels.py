@@ -77,7 +77,7 @@ class LabelSpace:
         """From labels.json: our dict, or a plain list of names (as interop writes)."""
         if isinstance(data, list):
             return cls(tuple(data), "name", 0)
-        return cls(tuple(data["names"]), data["kind"], int(data["base"]))
+        return cls(tuple(data["names"]), data.get("kind", "index"), int(data.get("base", 0)))
 
 
 def read_class_names(path: str) -> list[str]:
