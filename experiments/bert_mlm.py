@@ -5,7 +5,8 @@ Run (offline CPU demo on the built-in corpus, a few minutes on 2 cores):
 Variants after the colon: smoke (tests), small, base (BERT-base), large (BERT-large):
   python launch.py --config experiments/bert_mlm.py:base --workdir runs/base \
       --config.data.name=wiki40b/en
-Continue pretraining a Hugging Face BERT (its config.json, weights and vocab.txt):
+Continue pretraining a Hugging Face BERT (its config.json, weights and vocab.txt), or another
+run (--config.init_from=runs/mlm):
   python launch.py --config experiments/bert_mlm.py:small --workdir runs/bert_continued \
       --config.init_from_hf=path/to/bert-dir
 Your own corpus (txt one document per line / blank-line blocks / WikiExtractor, csv, tsv; .gz ok):
@@ -34,6 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # it sets the model shape and the WordPiece tokenizer (model.* keeps only dropout, dtypes,
     # remat); its weights replace the fresh ones. A checkpoint in --workdir (resume) wins.
     c.init_from_hf = config_dict.placeholder(str)
+    # Another run's workdir (an MLM run, an imported checkpoint), likewise: its shape, tokenizer
+    # and weights (encoder and MLM head). Not both; a checkpoint in --workdir wins.
+    c.init_from = config_dict.placeholder(str)
 
     c.model = ml_collections.ConfigDict()
     layers, hidden, heads, mlp = SHAPES[variant]

@@ -246,3 +246,22 @@ def test_init_train_state_gives_the_same_params_with_or_without_model_state():
     task.init_model_state = None
     assert set(train.init_train_state(task, optax.sgd(0.1), jax.random.key(0))) == {
         "step", "params", "opt_state"}
+
+
+def test_mlm_continues_from_another_run_through_the_one_pretrained_path(corpus_files, data_cache,
+                                                                        tmp_path):
+    from conftest import tiny_config
+
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    train.run(tiny_config(corpus_files, data_cache, **{"train.num_steps": 1}), first)
+    config = tiny_config(corpus_files, data_cache, **{
+        "train.num_steps": 1, "init_from": first, "opt.learning_rate": 0.0,
+        "model.hidden_dim": 64, "tokenizer.vocab_size": 300})  # replaced by the run's shape
+    train.run(config, second)
+    want, got = checkpoint.load_params(first), checkpoint.load_params(second)
+    assert jax.tree_util.tree_structure(want) == jax.tree_util.tree_structure(got)
+    for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_array_equal(a, b)  # encoder and MLM head: learning rate 0
+    assert open(os.path.join(first, "tokenizer.model"), "rb").read() == \
+        open(os.path.join(second, "tokenizer.model"), "rb").read()
+    assert workdir_lib.read_model_record(second) == workdir_lib.read_model_record(first)
