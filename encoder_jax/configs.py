@@ -79,6 +79,32 @@ class ClassifyDataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TranslationDataConfig:
+    """`data` of translation: sentence pairs, batched by a token budget over a few padded lengths."""
+
+    name: str | None = None  # without files: built-in zh_en_numbers or a TFDS catalog name
+    files: FilesConfig = FilesConfig()  # local csv/tsv(.gz) pairs; override name
+    format: str = "auto"  # auto (.csv: csv, else tsv) | csv | tsv
+    has_header: bool = False
+    source_column: str = "1"  # csv/tsv: header name or 0-based index; Tatoeba rows are
+    target_column: str = "0"  # english<TAB>chinese<TAB>attribution, so zh->en reads 1 -> 0
+    source_field: str = "zh"  # fields of TFDS catalog records (wmt19_translate/zh-en: zh, en)
+    target_field: str = "en"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    data_dir: str | None = None  # prepared-data cache; None: $ENCODER_JAX_DATA_DIR or ~/.cache
+    max_len: int = 64  # tokens per side incl. BOS/EOS; longer training pairs are dropped (counted)
+    pad_lengths: tuple[int, ...] = (16, 32, 48, 64)  # allowed padded lengths; max_len is added
+    max_tokens: int = 4096  # token budget per global batch: rows x padded length
+    batch_multiple: int = 8  # rows per batch are a multiple of this (shards over devices)
+    window: int = 4096  # examples per length-sorting window
+    max_train_examples: int | None = None  # the first N training pairs; None: all
+    max_eval_examples: int | None = None  # the first N evaluation pairs; None: all
+    workers: int = 0  # grain worker processes (0: the main process)
+    prefetch: int = 2  # batches buffered per worker
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
     """`tokenizer`: a file to load, or how to train a sentencepiece model."""
 
@@ -89,6 +115,29 @@ class TokenizerConfig:
     character_coverage: float = 0.9995
     max_sentences: int = 300_000  # lines sampled to train the tokenizer
     word_segmenter: str = "auto"  # auto | whitespace | jieba
+
+
+@dataclasses.dataclass(frozen=True)
+class TranslationTokenizerConfig(TokenizerConfig):
+    """`tokenizer` of translation: one joint sentencepiece model, or one per side."""
+
+    joint: bool = True  # one model over source and target text (needed for shared embeddings)
+    target_vocab_size: int | None = None  # separate target model; None: vocab_size
+    target_model_file: str | None = None  # a sentencepiece .model for the target side
+
+
+@dataclasses.dataclass(frozen=True)
+class TranslateConfig:
+    """`translate`: the loss and how translations are decoded (in evaluation and predict)."""
+
+    label_smoothing: float = 0.1
+    beam_size: int = 4  # --mode predict (1: greedy)
+    eval_beam_size: int = 4  # in-loop evaluation (1: greedy, faster)
+    length_penalty: float = 0.6  # GNMT alpha: score = log p / ((5 + length) / 6) ** alpha
+    max_len_a: int = 10  # generated tokens <= a + b * source tokens (and <= data.max_len)
+    max_len_b: float = 1.5
+    samples: int = 10  # source / reference / hypothesis triples written per evaluation
+    eval_batch_size: int = 64  # sentences per decoding batch (a multiple of the device count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +229,7 @@ class PredictConfig:
     text_fields: str | None = None  # None: data.text_fields
     has_header: bool | None = None  # None: data.has_header
     batch_size: int = 64
+    nbest: int = 1  # translation: hypotheses per sentence in the jsonl output (<= beam size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +249,16 @@ class CvConfig:
     folds: int = 5
     fold: int | None = None  # set per run by --mode cv; None: the validation split
     seed: int = 0
+
+
+def field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def word_segmenter(config) -> str:
+    """`tokenizer.word_segmenter` of any task's config (its default from TokenizerConfig)."""
+    given = to_dict(config.get("tokenizer"))
+    return given.get("word_segmenter") or TokenizerConfig.word_segmenter
 
 
 def to_dict(value: Any) -> dict[str, Any]:

@@ -111,21 +111,43 @@ def _kernel_init(config: EncoderConfig):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head attention of x over itself (or over `kv` for cross-attention)."""
+    """Multi-head attention of x over itself, over `kv` (cross-attention), or over a decode cache.
+
+    Modes (keyword arguments):
+      default: keys/values from x (or `kv_BxSxD`); returns out (B, L, D).
+      `cache` + `decode_index`: self-attention decoding: x's keys/values (L = 1) are
+        written into `cache` {"key", "value"} (B, T, N, H) at `decode_index` and x
+        attends over the cache; returns (out, new cache).
+      `cache` alone: attends over precomputed keys/values (cross-attention decoding);
+        returns (out, cache).
+      `kv_only`: returns {"key", "value"} of `kv_BxSxD` (a cross-attention cache).
+    """
 
     config: EncoderConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxS: jax.Array, *,
-                 kv_BxSxD: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array | None, mask_Bx1xLxS: jax.Array | None = None, *,
+                 kv_BxSxD: jax.Array | None = None, deterministic: bool = True,
+                 cache: dict[str, jax.Array] | None = None, decode_index: jax.Array | None = None,
+                 kv_only: bool = False):
         cfg = self.config
-        kv_BxSxD = x_BxLxD if kv_BxSxD is None else kv_BxSxD
         dense = lambda name: nn.DenseGeneral(
             (cfg.num_heads, cfg.head_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             kernel_init=_kernel_init(cfg), name=name)
+        if kv_only:
+            return {"key": dense("key")(kv_BxSxD), "value": dense("value")(kv_BxSxD)}
         q_BxLxNxH = dense("query")(x_BxLxD)
-        k_BxSxNxH = dense("key")(kv_BxSxD)
-        v_BxSxNxH = dense("value")(kv_BxSxD)
+        if cache is None:
+            kv_BxSxD = x_BxLxD if kv_BxSxD is None else kv_BxSxD
+            k_BxSxNxH, v_BxSxNxH = dense("key")(kv_BxSxD), dense("value")(kv_BxSxD)
+        else:
+            if decode_index is not None:
+                start = (0, decode_index, 0, 0)
+                cache = {"key": jax.lax.dynamic_update_slice(
+                             cache["key"], dense("key")(x_BxLxD).astype(cache["key"].dtype), start),
+                         "value": jax.lax.dynamic_update_slice(
+                             cache["value"], dense("value")(x_BxLxD).astype(cache["value"].dtype), start)}
+            k_BxSxNxH, v_BxSxNxH = cache["key"], cache["value"]
         if deterministic or cfg.attention_dropout_rate == 0.0:
             out_BxLxNxH = jax.nn.dot_product_attention(
                 q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask=mask_Bx1xLxS)
@@ -138,9 +160,10 @@ class SelfAttention(nn.Module):
             probs_BxNxLxS = jax.nn.softmax(logits_BxNxLxS, axis=-1)
             probs_BxNxLxS = nn.Dropout(cfg.attention_dropout_rate)(probs_BxNxLxS, deterministic=False)
             out_BxLxNxH = jnp.einsum("bnls,bsnh->blnh", probs_BxNxLxS.astype(cfg.dtype), v_BxSxNxH)
-        return nn.DenseGeneral(cfg.hidden_dim, axis=(-2, -1), dtype=cfg.dtype,
-                               param_dtype=cfg.param_dtype, kernel_init=_kernel_init(cfg),
-                               name="out")(out_BxLxNxH)
+        out_BxLxD = nn.DenseGeneral(cfg.hidden_dim, axis=(-2, -1), dtype=cfg.dtype,
+                                    param_dtype=cfg.param_dtype, kernel_init=_kernel_init(cfg),
+                                    name="out")(out_BxLxNxH)
+        return out_BxLxD if cache is None else (out_BxLxD, cache)
 
 
 class FeedForward(nn.Module):
@@ -163,6 +186,14 @@ def layer_norm(config: EncoderConfig, name: str) -> nn.LayerNorm:
                         param_dtype=config.param_dtype, name=name)
 
 
+def residual(x_BxLxD: jax.Array, sublayer, norm: nn.LayerNorm, dropout: nn.Dropout,
+             pre_norm: bool, deterministic: bool) -> jax.Array:
+    """x + dropout(sublayer(norm(x))) (pre-LN) or norm(x + dropout(sublayer(x))) (post-LN)."""
+    if pre_norm:
+        return x_BxLxD + dropout(sublayer(norm(x_BxLxD)), deterministic=deterministic)
+    return norm(x_BxLxD + dropout(sublayer(x_BxLxD), deterministic=deterministic))
+
+
 class EncoderBlock(nn.Module):
     """Self-attention + feed-forward, each with dropout, residual and LayerNorm."""
 
@@ -176,12 +207,55 @@ class EncoderBlock(nn.Module):
         attention = SelfAttention(cfg, name="attention")
         mlp = FeedForward(cfg, name="mlp")
         attention_norm, mlp_norm = layer_norm(cfg, "attention_norm"), layer_norm(cfg, "mlp_norm")
-        if cfg.pre_norm:
-            h = attention(attention_norm(x_BxLxD), mask_Bx1xLxL, deterministic=deterministic)
-            x_BxLxD = x_BxLxD + dropout(h, deterministic=deterministic)
-            h = mlp(mlp_norm(x_BxLxD))
-            return x_BxLxD + dropout(h, deterministic=deterministic)
-        h = attention(x_BxLxD, mask_Bx1xLxL, deterministic=deterministic)
-        x_BxLxD = attention_norm(x_BxLxD + dropout(h, deterministic=deterministic))
-        h = mlp(x_BxLxD)
-        return mlp_norm(x_BxLxD + dropout(h, deterministic=deterministic))
+        x_BxLxD = residual(x_BxLxD, lambda h: attention(h, mask_Bx1xLxL, deterministic=deterministic),
+                           attention_norm, dropout, cfg.pre_norm, deterministic)
+        return residual(x_BxLxD, mlp, mlp_norm, dropout, cfg.pre_norm, deterministic)
+
+
+class DecoderBlock(nn.Module):
+    """Causal self-attention, cross-attention over the source, feed-forward (pre- or post-LN).
+
+    Without `cache`: teacher forcing over all T target positions; returns y (B, T, D).
+    With `cache` {"self", "cross"} and `decode_index`: one position (T = 1);
+    returns (y, new cache). With `cross_cache_only`: the cross-attention
+    {"key", "value"} of `encoded_BxSxD`.
+    """
+
+    config: EncoderConfig
+
+    @nn.compact
+    def __call__(self, y_BxTxD: jax.Array | None, self_mask_Bx1xTxT: jax.Array | None,
+                 encoded_BxSxD: jax.Array | None, cross_mask_Bx1xTxS: jax.Array | None,
+                 deterministic: bool = True, cache: dict | None = None,
+                 decode_index: jax.Array | None = None, cross_cache_only: bool = False):
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout_rate)
+        self_attention = SelfAttention(cfg, name="self_attention")
+        cross_attention = SelfAttention(cfg, name="cross_attention")
+        if cross_cache_only:  # the source's keys/values, computed once per decode
+            return cross_attention(None, kv_BxSxD=encoded_BxSxD, kv_only=True)
+        new_cache = {}
+
+        def attend_self(h):
+            if cache is None:
+                return self_attention(h, self_mask_Bx1xTxT, deterministic=deterministic)
+            out, new_cache["self"] = self_attention(h, self_mask_Bx1xTxT, cache=cache["self"],
+                                                    decode_index=decode_index,
+                                                    deterministic=deterministic)
+            return out
+
+        def attend_source(h):
+            if cache is None:
+                return cross_attention(h, cross_mask_Bx1xTxS, kv_BxSxD=encoded_BxSxD,
+                                       deterministic=deterministic)
+            out, new_cache["cross"] = cross_attention(h, cross_mask_Bx1xTxS, cache=cache["cross"],
+                                                      deterministic=deterministic)
+            return out
+
+        y_BxTxD = residual(y_BxTxD, attend_self, layer_norm(cfg, "self_attention_norm"), dropout,
+                           cfg.pre_norm, deterministic)
+        y_BxTxD = residual(y_BxTxD, attend_source, layer_norm(cfg, "cross_attention_norm"), dropout,
+                           cfg.pre_norm, deterministic)
+        y_BxTxD = residual(y_BxTxD, FeedForward(cfg, name="mlp"), layer_norm(cfg, "mlp_norm"),
+                           dropout, cfg.pre_norm, deterministic)
+        return y_BxTxD if cache is None else (y_BxTxD, new_cache)

@@ -1,4 +1,5 @@
-"""Classification metrics through scikit-learn, and the report files of a run.
+"""Metrics on host numpy: classification through scikit-learn (and the report files of a
+run), translation through sacrebleu (`bleu_chrf`), and per-example eval outputs.
 
 `classification_report(labels_N, probs_NxC, names)` returns every number the
 run logs and reports: accuracy; macro / micro / weighted precision, recall and
@@ -37,6 +38,28 @@ def softmax(logits_NxC: np.ndarray) -> np.ndarray:
     z_NxC = np.asarray(logits_NxC, np.float64)
     z_NxC = np.exp(z_NxC - z_NxC.max(-1, keepdims=True))
     return z_NxC / z_NxC.sum(-1, keepdims=True)
+
+
+def means(sums: dict[str, Any], perplexity_of: str | None = None) -> dict[str, float]:
+    """Metric sums -> means over their "denominator"; perplexity = exp(mean of `perplexity_of`)."""
+    denominator = max(float(sums["denominator"]), 1.0)
+    out = {k: float(v) / denominator for k, v in sums.items() if k != "denominator"}
+    if perplexity_of in out:
+        out["perplexity"] = float(np.exp(min(out[perplexity_of], 50.0)))
+    return out
+
+
+def bleu_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """Corpus BLEU and chrF from `sacrebleu` (one reference each), with their signatures."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    bleu, chrf = BLEU(), CHRF()
+    bleu_score = bleu.corpus_score(list(hypotheses), [list(references)])
+    chrf_score = chrf.corpus_score(list(hypotheses), [list(references)])
+    return {"bleu": float(bleu_score.score), "chrf": float(chrf_score.score),
+            "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
 
 
 def roc_auc_one_vs_rest(labels_N: np.ndarray, probs_NxC: np.ndarray

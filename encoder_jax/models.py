@@ -14,14 +14,18 @@ decide who may attend to whom.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from encoder_jax.layers import (ACTIVATIONS, EncoderBlock, EncoderConfig, _kernel_init,
-                                attention_mask, layer_norm)
+from encoder_jax.layers import (ACTIVATIONS, DecoderBlock, EncoderBlock, EncoderConfig,
+                                _kernel_init, attention_mask, layer_norm)
 
-__all__ = ["EncoderConfig", "BertEncoder", "BertForMaskedLM", "BertForClassification"]
+__all__ = ["EncoderConfig", "BertEncoder", "BertForMaskedLM", "BertForClassification",
+           "Seq2SeqConfig", "EncoderDecoder"]
 
 
 def default_segment_ids(ids_BxL: jax.Array, mask_BxL: jax.Array | None,
@@ -158,3 +162,193 @@ class BertForClassification(nn.Module):
         logits_BxC = nn.Dense(self.num_classes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               kernel_init=_kernel_init(cfg), name="classifier")(pooled_BxD)
         return logits_BxC.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- encoder-decoder
+
+
+SEQ2SEQ_FIELDS = ("decoder_layers", "max_target_len", "share_embeddings", "tie_output")
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqConfig:
+    """An encoder-decoder Transformer: the encoder's config, and what the decoder adds.
+
+    The decoder has the encoder's width, heads, feed-forward, activation, norms and
+    dropout; `decoder_layers` blocks, its own (or the shared) token table.
+    """
+
+    encoder: EncoderConfig  # source vocabulary and the shared shape / numerics
+    target_vocab_size: int
+    decoder_layers: int = 6
+    max_target_len: int = 256  # size of the decoder's position table
+    share_embeddings: bool = False  # one token table for source, target (and output if tied)
+    tie_output: bool = True  # output projection = the target token table
+
+    def __post_init__(self):
+        if self.share_embeddings and self.encoder.vocab_size != self.target_vocab_size:
+            raise ValueError(f"model.share_embeddings needs one vocabulary; source "
+                             f"{self.encoder.vocab_size} != target {self.target_vocab_size} tokens")
+
+    @classmethod
+    def from_config(cls, model_cfg: Any, source_vocab: int, target_vocab: int,
+                    **encoder_overrides: Any) -> "Seq2SeqConfig":
+        """From `config.model`: the encoder's fields plus SEQ2SEQ_FIELDS (no pooler, no type ids)."""
+        given = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg or {})
+        own = {k: given[k] for k in SEQ2SEQ_FIELDS if given.get(k) is not None}
+        encoder = EncoderConfig.from_config(
+            {k: v for k, v in given.items() if k not in SEQ2SEQ_FIELDS}, source_vocab,
+            **{"use_pooler": False, **encoder_overrides})
+        return cls(encoder=encoder, target_vocab_size=target_vocab, **own)
+
+    @property
+    def decoder(self) -> EncoderConfig:
+        return dataclasses.replace(self.encoder, vocab_size=self.target_vocab_size,
+                                   num_layers=self.decoder_layers, max_len=self.max_target_len,
+                                   type_vocab_size=0, use_pooler=False, remat=False)
+
+    def to_json(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**values, "encoder": self.encoder.to_json()}
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> "Seq2SeqConfig":
+        return cls(**{**values, "encoder": EncoderConfig.from_json(values["encoder"])})
+
+
+def causal_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+    """(B, 1, T, T): same-segment real tokens at or before the query position."""
+    length = segment_ids_BxT.shape[1]
+    causal_TxT = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+    return attention_mask(segment_ids_BxT) & causal_TxT[None, None]
+
+
+def cross_mask(target_segment_ids_BxT: jax.Array, source_segment_ids_BxS: jax.Array) -> jax.Array:
+    """(B, 1, T, S): real target positions may attend to real source tokens."""
+    return ((target_segment_ids_BxT > 0)[:, None, :, None]
+            & (source_segment_ids_BxS > 0)[:, None, None, :])
+
+
+class Decoder(nn.Module):
+    """Target embeddings -> causal blocks with cross-attention -> logits over the target vocabulary."""
+
+    config: Seq2SeqConfig
+
+    def setup(self):
+        cfg, dec = self.config, self.config.decoder
+        embed = lambda n, name: nn.Embed(n, dec.hidden_dim, dtype=dec.dtype,
+                                         param_dtype=dec.param_dtype,
+                                         embedding_init=_kernel_init(dec), name=name)
+        self.token_embed = None if cfg.share_embeddings else embed(dec.vocab_size, "token_embed")
+        self.position_embed = embed(dec.max_len, "position_embed")
+        self.embed_norm = layer_norm(dec, "embed_norm")
+        self.embed_dropout = nn.Dropout(dec.dropout_rate)
+        self.blocks = [DecoderBlock(dec, name=f"block_{i}") for i in range(dec.num_layers)]
+        self.final_norm = layer_norm(dec, "final_norm") if dec.pre_norm else None
+        self.output = None if cfg.tie_output else nn.Dense(
+            dec.vocab_size, dtype=dec.dtype, param_dtype=dec.param_dtype,
+            kernel_init=_kernel_init(dec), name="output")
+        self.output_bias = self.param("output_bias", nn.initializers.zeros, (dec.vocab_size,),
+                                      dec.param_dtype)
+
+    def embed(self, ids_BxT: jax.Array, positions_BxT: jax.Array, shared, deterministic: bool):
+        table = shared.token_embed if self.token_embed is None else self.token_embed
+        x_BxTxD = table(ids_BxT) + self.position_embed(positions_BxT)
+        return self.embed_dropout(self.embed_norm(x_BxTxD), deterministic=deterministic)
+
+    def logits(self, y_BxTxD: jax.Array, shared) -> jax.Array:
+        """(B, T, V) float32: tied to the target token table, or the own output layer."""
+        if self.final_norm is not None:
+            y_BxTxD = self.final_norm(y_BxTxD)
+        if self.output is not None:
+            logits_BxTxV = self.output(y_BxTxD).astype(jnp.float32)
+        else:
+            table = shared.token_embed if self.token_embed is None else self.token_embed
+            logits_BxTxV = table.attend(y_BxTxD.astype(self.config.decoder.param_dtype)).astype(
+                jnp.float32)
+        return logits_BxTxV + self.output_bias.astype(jnp.float32)[None, None, :]
+
+    def __call__(self, target_in_BxT, encoded_BxSxD, source_segment_ids_BxS, target_segment_ids_BxT,
+                 shared, deterministic: bool = True) -> jax.Array:
+        """Teacher forcing: logits (B, T, V) for every target position at once."""
+        batch, length = target_in_BxT.shape
+        positions_BxT = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        y_BxTxD = self.embed(target_in_BxT, positions_BxT, shared, deterministic)
+        self_mask = causal_mask(target_segment_ids_BxT)
+        source_mask = cross_mask(target_segment_ids_BxT, source_segment_ids_BxS)
+        for block in self.blocks:
+            y_BxTxD = block(y_BxTxD, self_mask, encoded_BxSxD, source_mask, deterministic)
+        return self.logits(y_BxTxD, shared)
+
+    def init_cache(self, encoded_BxSxD: jax.Array, max_len: int) -> dict[str, Any]:
+        """Per block: zero self-attention keys/values (B, max_len, N, H) and the source's."""
+        dec = self.config.decoder
+        zeros = jnp.zeros((encoded_BxSxD.shape[0], max_len, dec.num_heads, dec.head_dim), dec.dtype)
+        return {f"block_{i}": {"self": {"key": zeros, "value": zeros},
+                               "cross": block(None, None, encoded_BxSxD, None, cross_cache_only=True)}
+                for i, block in enumerate(self.blocks)}
+
+    def step(self, ids_N: jax.Array, cache: dict[str, Any], index: jax.Array,
+             source_segment_ids_NxS: jax.Array, shared) -> tuple[jax.Array, dict[str, Any]]:
+        """One token per row at position `index`: (logits (N, V), new cache)."""
+        rows = ids_N.shape[0]
+        max_len = cache["block_0"]["self"]["key"].shape[1]
+        y_Nx1xD = self.embed(ids_N[:, None], jnp.full((rows, 1), index), shared, True)
+        self_mask = jnp.broadcast_to(jnp.arange(max_len) <= index, (rows, 1, 1, max_len))
+        source_mask = (source_segment_ids_NxS > 0)[:, None, None, :]
+        new_cache = {}
+        for i, block in enumerate(self.blocks):
+            y_Nx1xD, new_cache[f"block_{i}"] = block(
+                y_Nx1xD, self_mask, None, source_mask, True, cache=cache[f"block_{i}"],
+                decode_index=index)
+        return self.logits(y_Nx1xD, shared)[:, 0], new_cache
+
+
+class EncoderDecoder(nn.Module):
+    """Seq2seq Transformer: `encode` once, then `decode` (teacher forcing) or `decode_step` (cached).
+
+    The encoder is `BertEncoder` (its params land under `encoder`, so an MLM run or
+    a Hugging Face BERT can initialise it); without a pooler.
+    """
+
+    config: Seq2SeqConfig
+
+    def setup(self):
+        self.encoder = BertEncoder(dataclasses.replace(self.config.encoder, use_pooler=False),
+                                   name="encoder")
+        self.decoder = Decoder(self.config, name="decoder")
+
+    def encode(self, source_ids_BxS: jax.Array, source_segment_ids_BxS: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+        """Source ids (B, S) -> hidden states (B, S, D); padding is segment 0."""
+        if source_segment_ids_BxS is None:
+            source_segment_ids_BxS = (source_ids_BxS != 0).astype(jnp.int32)
+        hidden_BxSxD, _ = self.encoder(source_ids_BxS, segment_ids=source_segment_ids_BxS,
+                                       deterministic=deterministic)
+        return hidden_BxSxD
+
+    def decode(self, target_in_BxT, encoded_BxSxD, source_segment_ids_BxS, target_segment_ids_BxT,
+               deterministic: bool = True) -> jax.Array:
+        """Teacher-forced logits (B, T, V) float32 given the encoded source."""
+        return self.decoder(target_in_BxT, encoded_BxSxD, source_segment_ids_BxS,
+                            target_segment_ids_BxT, self.encoder, deterministic)
+
+    def __call__(self, source_ids_BxS, target_in_BxT, source_segment_ids_BxS=None,
+                 target_segment_ids_BxT=None, deterministic: bool = True) -> jax.Array:
+        """Logits (B, T, V) for teacher forcing; segment ids default to non-pad (id 0) tokens."""
+        if source_segment_ids_BxS is None:
+            source_segment_ids_BxS = (source_ids_BxS != 0).astype(jnp.int32)
+        if target_segment_ids_BxT is None:
+            target_segment_ids_BxT = jnp.ones_like(target_in_BxT)
+        encoded_BxSxD = self.encode(source_ids_BxS, source_segment_ids_BxS, deterministic)
+        return self.decode(target_in_BxT, encoded_BxSxD, source_segment_ids_BxS,
+                           target_segment_ids_BxT, deterministic)
+
+    def init_cache(self, encoded_BxSxD: jax.Array, max_len: int) -> dict[str, Any]:
+        """The decode cache for `max_len` target positions of every row."""
+        return self.decoder.init_cache(encoded_BxSxD, max_len)
+
+    def decode_step(self, ids_N: jax.Array, cache: dict[str, Any], index: jax.Array,
+                    source_segment_ids_NxS: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+        """The cached decoder on one token per row: (logits (N, V) float32, new cache)."""
+        return self.decoder.step(ids_N, cache, index, source_segment_ids_NxS, self.encoder)

@@ -155,7 +155,7 @@ def resolve(config) -> PretrainedEncoder | None:
     field = init_field(config)
     if field is None:
         return None
-    segmenter = configs.section(configs.TokenizerConfig, config.tokenizer, "tokenizer").word_segmenter
+    segmenter = configs.word_segmenter(config)
     if field == "init_from_hf":
         return from_hf(config.init_from_hf, segmenter)
     return from_run(config.init_from, segmenter)

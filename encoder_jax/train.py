@@ -164,8 +164,8 @@ def evaluate(task: Task, eval_step, state, batch_sharding, eval_key) -> dict[str
 def predict(config, workdir: str) -> str:
     """--mode predict: the task's `predict(config, trained run)`; returns the output path."""
     module = tasks.load(config.task, "predict")
-    segmenter = configs.section(configs.TokenizerConfig, config.tokenizer, "tokenizer").word_segmenter
-    return module.predict(config, workdir_lib.load_trained(workdir, word_segmenter=segmenter))
+    return module.predict(config, workdir_lib.load_trained(
+        workdir, word_segmenter=configs.word_segmenter(config)))
 
 
 def log_parameter_counts(task: Task, abstract: Any, mesh) -> None:

@@ -11,11 +11,13 @@ sorted by length and cut into batches whose order is then shuffled, so rows in a
 batch have similar lengths and little padding. The window is a grain FlatMap,
 so the iterator state (and a resumed run) stays exact. Every host reads the
 same global batch and keeps its rows, padded to the global batch's length.
+`TokenBudgetBatches` instead fills each batch up to a token budget (rows x
+padded length), with more rows for shorter lengths (translation).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -39,23 +41,27 @@ def example_length(example: dict[str, Any], sequence_keys: Sequence[str] = SEQUE
 
 def pad_examples(examples: Sequence[dict[str, Any]], rows: int, pad_lengths: Sequence[int], *,
                  sequence_keys: Sequence[str] = SEQUENCE_KEYS,
-                 scalar_keys: Sequence[str] = SCALAR_KEYS) -> dict[str, np.ndarray]:
+                 scalar_keys: Sequence[str] = SCALAR_KEYS,
+                 segment_keys: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
     """Stacks examples into a batch of `rows` rows padded to the smallest fitting length.
 
-    Keys, in order: sequence_keys, segment_ids (over the first sequence key),
-    scalar_keys, weight, index.
+    Keys, in order: sequence_keys, the segment keys (`segment_keys` maps each to the
+    sequence it marks; default {"segment_ids": the first sequence key}), scalar_keys,
+    weight, index.
     """
     longest = max((example_length(e, sequence_keys) for e in examples), default=0)
     length = next((n for n in pad_lengths if n >= longest), None)
     if length is None:
         raise DataError(f"an encoded row has {longest} tokens, more than data.max_len={pad_lengths[-1]}")
-    batch = {key: np.zeros((rows, length), np.int32) for key in (*sequence_keys, "segment_ids")}
+    segments = dict(segment_keys or {"segment_ids": sequence_keys[0]})
+    batch = {key: np.zeros((rows, length), np.int32) for key in (*sequence_keys, *segments)}
     batch.update({key: np.zeros(rows, np.int32) for key in scalar_keys})
     batch.update(weight=np.zeros(rows, np.float32), index=np.full(rows, -1, np.int32))
     for row, e in enumerate(examples):
         for key in sequence_keys:
             batch[key][row, :len(e[key])] = e[key]
-        batch["segment_ids"][row, :len(e[sequence_keys[0]])] = 1
+        for key, marked in segments.items():
+            batch[key][row, :len(e[marked])] = 1
         for key in scalar_keys:
             batch[key][row] = max(int(e[key]), 0)
         batch["weight"][row] = 1.0
@@ -113,7 +119,8 @@ class LengthGroupedBatches(grain.experimental.FlatMapTransform):
 def eval_batches(examples: Sequence[dict[str, Any]], *, global_batch: int,
                  pad_lengths: Sequence[int], shard_index: int = 0, shard_count: int = 1,
                  sequence_keys: Sequence[str] = SEQUENCE_KEYS,
-                 scalar_keys: Sequence[str] = SCALAR_KEYS) -> Iterator[dict[str, np.ndarray]]:
+                 scalar_keys: Sequence[str] = SCALAR_KEYS,
+                 segment_keys: Mapping[str, str] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """One pass, length-sorted; the last batch is padded with weight-0 rows, never dropped."""
     if global_batch % shard_count:
         raise DataError(f"eval.batch_size={global_batch} must divide by the process count {shard_count}")
@@ -125,4 +132,57 @@ def eval_batches(examples: Sequence[dict[str, Any]], *, global_batch: int,
         fitting = _lengths_fitting(max(lengths[i] for i in chunk), pad_lengths)
         # A host whose share of the last batch is empty yields padding rows only.
         host = [examples[i] for i in chunk[shard_index * rows:(shard_index + 1) * rows]]
-        yield pad_examples(host, rows, fitting, sequence_keys=sequence_keys, scalar_keys=scalar_keys)
+        yield pad_examples(host, rows, fitting, sequence_keys=sequence_keys, scalar_keys=scalar_keys,
+                           segment_keys=segment_keys)
+
+
+def budget_rows(length: int, max_tokens: int, multiple: int) -> int:
+    """Rows of a token-budget batch padded to `length`: rows x length <= max_tokens, in
+    multiples of `multiple` (at least one multiple, even past the budget)."""
+    return max(multiple, (max_tokens // length) // multiple * multiple)
+
+
+class TokenBudgetBatches(grain.experimental.FlatMapTransform):
+    """A window of examples -> this host's rows of token-budget batches, length-bucketed, shuffled.
+
+    Like fairseq's max_tokens: the window is sorted by length, each example goes to
+    the smallest pad length L holding its longest sequence, and each bucket is cut
+    into global batches of `budget_rows(L)` rows; a bucket's last batch is filled
+    up with weight-0 rows so that shapes stay static. The window's batches are
+    shuffled from (seed, its first example's index, its size), so grain's FlatMap
+    iterator resumes exactly. Every host cuts the same global batches and keeps
+    its `rows // shard_count` rows.
+    """
+
+    def __init__(self, max_tokens: int, batch_multiple: int, pad_lengths: Sequence[int],
+                 window: int, seed: int, shard_index: int = 0, shard_count: int = 1, *,
+                 sequence_keys: Sequence[str] = SEQUENCE_KEYS,
+                 scalar_keys: Sequence[str] = SCALAR_KEYS,
+                 segment_keys: Mapping[str, str] | None = None):
+        if batch_multiple <= 0 or batch_multiple % shard_count:
+            raise DataError(f"data.batch_multiple={batch_multiple} must be a positive multiple of "
+                            f"the process count {shard_count}")
+        self.pad_lengths, self.seed = tuple(pad_lengths), seed
+        self.rows = {n: budget_rows(n, max_tokens, batch_multiple) for n in self.pad_lengths}
+        # The most batches a window can make: all of it in the longest bucket, plus one
+        # partly filled batch per bucket.
+        self.max_fan_out = -(-window // self.rows[self.pad_lengths[-1]]) + len(self.pad_lengths)
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.keys = dict(sequence_keys=tuple(sequence_keys), scalar_keys=tuple(scalar_keys),
+                         segment_keys=segment_keys)
+
+    def flat_map(self, window: Sequence[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
+        lengths = [example_length(e, self.keys["sequence_keys"]) for e in window]
+        buckets: dict[int, list[int]] = {}
+        for i in sorted(range(len(window)), key=lambda i: (lengths[i], int(window[i]["index"]), i)):
+            buckets.setdefault(_lengths_fitting(lengths[i], self.pad_lengths)[0], []).append(i)
+        chunks = [(n, order[k:k + self.rows[n]]) for n, order in sorted(buckets.items())
+                  for k in range(0, len(order), self.rows[n])]
+        if window:
+            np.random.default_rng([self.seed, int(window[0]["index"]), len(window)]).shuffle(chunks)
+        return [self._host_rows(window, length, chunk) for length, chunk in chunks]
+
+    def _host_rows(self, window, length, chunk):
+        rows = self.rows[length] // self.shard_count
+        host = chunk[self.shard_index * rows:(self.shard_index + 1) * rows]
+        return pad_examples([window[i] for i in host], rows, (length,), **self.keys)

@@ -26,6 +26,7 @@ class TaskEntry:
 TASKS = {
     "mlm": TaskEntry("encoder_jax.tasks.mlm"),
     "classify": TaskEntry("encoder_jax.tasks.classify", ("train", "predict")),
+    "translate": TaskEntry("encoder_jax.tasks.translate", ("train", "predict")),
 }
 
 

@@ -104,8 +104,7 @@ def augment_tokens(key: jax.Array, batch: dict[str, jax.Array], *, delete_rate: 
 
 def summarize(sums: dict[str, Any]) -> dict[str, float]:
     """Train-window sums -> means."""
-    denominator = max(float(sums["denominator"]), 1.0)
-    return {k: float(v) / denominator for k, v in sums.items() if k != "denominator"}
+    return metrics.means(sums)
 
 
 # ----------------------------------------------------------------------------- data selection

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from encoder_jax import configs, pretrained as pretrained_lib
+from encoder_jax import configs, metrics, pretrained as pretrained_lib
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import mlm_packing, sources, tokenizer as tokenizer_lib
 from encoder_jax.data.text import special_ids
@@ -147,11 +147,7 @@ def mlm_loss_and_metrics(logits_BxPxV: jax.Array, targets_BxP: jax.Array, weight
 
 def summarize(sums: dict[str, Any]) -> dict[str, float]:
     """Sums -> means; adds perplexity."""
-    denominator = max(float(sums["denominator"]), 1.0)
-    out = {k: float(v) / denominator for k, v in sums.items() if k != "denominator"}
-    if "loss" in out:
-        out["perplexity"] = float(np.exp(min(out["loss"], 50.0)))
-    return out
+    return metrics.means(sums, perplexity_of="loss")
 
 
 # ----------------------------------------------------------------------------- task

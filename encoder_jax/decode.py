@@ -1,0 +1,296 @@
+"""Autoregressive decoding (greedy and beam search) as pure functions around a logits callback.
+
+Callback contract, `tokens_to_logits(ids_N, cache, index) -> (logits_NxV, new_cache)`:
+  ids_N      int32 (N,): the token at position `index` of every row (BOS at index 0); N is
+             B for greedy and B*K for beam search (beams folded into the batch axis).
+  cache      any pytree whose leaves all have the row dimension N first; it is tiled K times
+             for beam search and reordered (`gather_beams`) whenever beams are reordered.
+  index      int32 scalar.
+  logits_NxV float32: scores of the token at position index + 1.
+
+Both searches run in one `lax.while_loop` (jittable end to end, the callback is traced once)
+and return a `DecodeOutput`. `max_len` (T) bounds the generated tokens: a hypothesis that
+reaches T tokens without EOS is cut there. `max_len_per_row` (int32 (B,), optional) bounds the
+generated tokens *including* EOS per row: the step producing token number limit (1-based) may
+only produce EOS, so `lengths <= max_len_per_row` and the row always ends with EOS when its
+limit is <= T. Limits below 1 act as 1.
+
+Beam search follows flax `examples/wmt/decode.py` (top 2K candidates per step, EOS ones to the
+finished set scored with the GNMT length penalty, the top K others stay live, early exit when no
+live beam can beat the worst finished one), with two departures, each for a reason:
+  * an EOS candidate enters the finished set only if it ranks within the top K of the 2K
+    candidates (as HF transformers does), so beam_size=1 with alpha=0 is exactly greedy search;
+  * at the end the live beams, scored as if they ended there, are merged with the finished set:
+    this fills rows with fewer than K finished hypotheses and lets hypotheses cut at T compete
+    on the same objective (an early exit only happens when no live beam can enter the top K).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+TokensToLogits = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+NEG_INF = float("-inf")  # marks empty beam slots and forbidden tokens; never subtracted
+
+
+# ------------------------------------------------------------------------- small helpers
+
+def length_penalty(length: ArrayLike, alpha: float) -> jax.Array:
+    """GNMT length penalty ((5 + length) / 6) ** alpha, elementwise (Wu et al., 2016)."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def max_lengths(source_lengths_B: ArrayLike, a: float, b: float, cap: int) -> jax.Array:
+    """Per-row generation limit min(cap, a + b * source_length) as int32 (B,)."""
+    limits_B = a + b * jnp.asarray(source_lengths_B, jnp.float32)
+    return jnp.minimum(cap, limits_B).astype(jnp.int32)
+
+
+def add_beam_dim(x_NxS: jax.Array, beam_size: int) -> jax.Array:
+    """Tiles (N, ...) to (N, K, ...): every beam of a row starts as a copy of the row."""
+    x_Nx1xS = jnp.expand_dims(x_NxS, axis=1)
+    return jnp.broadcast_to(x_Nx1xS, (x_NxS.shape[0], beam_size) + x_NxS.shape[1:])
+
+
+def flatten_beam_dim(x_BxKxS: jax.Array) -> jax.Array:
+    """Folds the beam axis into the batch axis: (B, K, ...) -> (B*K, ...)."""
+    return x_BxKxS.reshape((x_BxKxS.shape[0] * x_BxKxS.shape[1],) + x_BxKxS.shape[2:])
+
+
+def unflatten_beam_dim(x_NxS: jax.Array, batch_size: int, beam_size: int) -> jax.Array:
+    """Unfolds the batch axis: (B*K, ...) -> (B, K, ...)."""
+    return x_NxS.reshape((batch_size, beam_size) + x_NxS.shape[1:])
+
+
+def gather_beams(tree: Any, beam_indices_BxM: jax.Array) -> Any:
+    """Picks beams per row: every leaf (B, K_old, ...) -> (B, M, ...) at beam_indices_BxM."""
+    rows_Bx1 = jnp.arange(beam_indices_BxM.shape[0])[:, None]
+    return jax.tree.map(lambda x_BxKxS: x_BxKxS[rows_Bx1, beam_indices_BxM], tree)
+
+
+def _gather_cache(cache: Any, parents_BxK: jax.Array, beam_size: int) -> Any:
+    """Reorders the folded cache leaves (B*K, ...) so that beam k continues parents_BxK[:, k]."""
+    batch_size = parents_BxK.shape[0]
+
+    def gather(x_NxS):
+        x_BxKxS = unflatten_beam_dim(x_NxS, batch_size, beam_size)
+        return flatten_beam_dim(gather_beams(x_BxKxS, parents_BxK))
+
+    return jax.tree.map(gather, cache)
+
+
+def _row_limits(max_len_per_row: ArrayLike | None, batch_size: int, max_len: int) -> jax.Array:
+    """int32 (B,) limits on generated tokens incl. EOS; max_len + 1 (never forced) when None."""
+    if max_len_per_row is None:
+        return jnp.full((batch_size,), max_len + 1, jnp.int32)
+    return jnp.maximum(jnp.asarray(max_len_per_row, jnp.int32), 1)
+
+
+def _log_probs(logits_XxV: jax.Array, force_eos_X: jax.Array, eos_id: int) -> jax.Array:
+    """float32 log-softmax; rows with force_eos_X keep only EOS (the others become -inf)."""
+    log_probs_XxV = jax.nn.log_softmax(logits_XxV.astype(jnp.float32), axis=-1)
+    vocab_size = logits_XxV.shape[-1]
+    not_eos_V = jnp.arange(vocab_size) != eos_id
+    not_eos_1xV = not_eos_V.reshape((1,) * force_eos_X.ndim + (vocab_size,))
+    blocked_XxV = force_eos_X[..., None] & not_eos_1xV
+    return jnp.where(blocked_XxV, NEG_INF, log_probs_XxV)
+
+
+@flax.struct.dataclass
+class DecodeOutput:
+    """Decoded hypotheses, best first; K = 1 for greedy search."""
+
+    tokens: jax.Array   # int32 (B, K, T): generated tokens after BOS, EOS included, 0 after it
+    scores: jax.Array   # float32 (B, K): beam: sum log-prob / length_penalty; greedy: sum
+    lengths: jax.Array  # int32 (B, K): generated tokens incl. EOS (0 for an empty slot)
+
+
+# ------------------------------------------------------------------------- greedy search
+
+@flax.struct.dataclass
+class _GreedyState:
+    index: jax.Array        # int32 scalar: position of the token fed next
+    seqs_BxT1: jax.Array    # int32 (B, T+1): BOS, then generated tokens, 0 after EOS
+    scores_B: jax.Array     # float32: sum of the chosen tokens' log-probs
+    lengths_B: jax.Array    # int32: generated tokens incl. EOS
+    finished_B: jax.Array   # bool: EOS emitted
+    cache: Any
+
+
+def _greedy_step(state: _GreedyState, tokens_to_logits: TokensToLogits, limits_B: jax.Array,
+                 eos_id: int) -> _GreedyState:
+    """Feeds the last tokens, appends the argmax (pad once a row has finished)."""
+    ids_B = state.seqs_BxT1[:, state.index]
+    logits_BxV, cache = tokens_to_logits(ids_B, state.cache, state.index)
+    log_probs_BxV = _log_probs(logits_BxV, state.index + 1 >= limits_B, eos_id)
+    next_B = jnp.argmax(log_probs_BxV, axis=-1).astype(jnp.int32)
+    next_log_prob_B = jnp.take_along_axis(log_probs_BxV, next_B[:, None], axis=-1)[:, 0]
+    active_B = ~state.finished_B
+    next_B = jnp.where(active_B, next_B, 0)
+    return state.replace(
+        index=state.index + 1,
+        seqs_BxT1=state.seqs_BxT1.at[:, state.index + 1].set(next_B),
+        scores_B=state.scores_B + jnp.where(active_B, next_log_prob_B, 0.0),
+        lengths_B=state.lengths_B + active_B.astype(jnp.int32),
+        finished_B=state.finished_B | (next_B == eos_id),
+        cache=cache)
+
+
+def greedy_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int, bos_id: int,
+                  eos_id: int, max_len: int, max_len_per_row: ArrayLike | None = None
+                  ) -> DecodeOutput:
+    """Argmax decoding of up to max_len tokens per row; stops once every row has emitted EOS."""
+    limits_B = _row_limits(max_len_per_row, batch_size, max_len)
+    seqs_BxT1 = jnp.zeros((batch_size, max_len + 1), jnp.int32).at[:, 0].set(bos_id)
+    state = _GreedyState(
+        index=jnp.array(0, jnp.int32), seqs_BxT1=seqs_BxT1,
+        scores_B=jnp.zeros((batch_size,), jnp.float32),
+        lengths_B=jnp.zeros((batch_size,), jnp.int32),
+        finished_B=jnp.zeros((batch_size,), bool), cache=cache)
+
+    def cond(state: _GreedyState) -> jax.Array:
+        return (state.index < max_len) & ~jnp.all(state.finished_B)
+
+    def body(state: _GreedyState) -> _GreedyState:
+        return _greedy_step(state, tokens_to_logits, limits_B, eos_id)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return DecodeOutput(tokens=state.seqs_BxT1[:, None, 1:], scores=state.scores_B[:, None],
+                        lengths=state.lengths_B[:, None])
+
+
+# --------------------------------------------------------------------------- beam search
+
+@flax.struct.dataclass
+class _BeamState:
+    index: jax.Array                 # int32 scalar: tokens generated by every live beam so far
+    live_log_probs_BxK: jax.Array    # float32: sum of log-probs, sorted; -inf = empty slot
+    live_seqs_BxKxT1: jax.Array      # int32: BOS, then the beam's tokens (never EOS)
+    finished_scores_BxK: jax.Array   # float32: length-penalised, sorted; -inf = empty slot
+    finished_seqs_BxKxT1: jax.Array  # int32: BOS, tokens, EOS, then 0
+    finished_lengths_BxK: jax.Array  # int32: generated tokens incl. EOS
+    cache: Any                       # leaves (B*K, ...), beam k of row b at b*K + k
+
+
+def _init_beam_state(cache: Any, batch_size: int, beam_size: int, bos_id: int,
+                     max_len: int) -> _BeamState:
+    """One live beam per row (the others empty, so step 0 does not pick K copies of a token)."""
+    first_K = jnp.where(jnp.arange(beam_size) == 0, 0.0, NEG_INF).astype(jnp.float32)
+    seqs_BxKxT1 = jnp.zeros((batch_size, beam_size, max_len + 1), jnp.int32)
+    return _BeamState(
+        index=jnp.array(0, jnp.int32),
+        live_log_probs_BxK=jnp.broadcast_to(first_K, (batch_size, beam_size)),
+        live_seqs_BxKxT1=seqs_BxKxT1.at[:, :, 0].set(bos_id),
+        finished_scores_BxK=jnp.full((batch_size, beam_size), NEG_INF, jnp.float32),
+        finished_seqs_BxKxT1=seqs_BxKxT1,
+        finished_lengths_BxK=jnp.zeros((batch_size, beam_size), jnp.int32),
+        cache=jax.tree.map(lambda x: flatten_beam_dim(add_beam_dim(x, beam_size)), cache))
+
+
+def _top_candidates(state: _BeamState, tokens_to_logits: TokensToLogits, limits_B: jax.Array,
+                    eos_id: int) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
+    """Top 2K (beam, token) extensions per row: (log_probs_BxC, parents_BxC, tokens_BxC, cache)."""
+    batch_size, beam_size = state.live_log_probs_BxK.shape
+    ids_N = flatten_beam_dim(state.live_seqs_BxKxT1[:, :, state.index])
+    logits_NxV, cache = tokens_to_logits(ids_N, state.cache, state.index)
+    vocab_size = logits_NxV.shape[-1]
+    force_B = state.index + 1 >= limits_B
+    force_BxK = jnp.broadcast_to(force_B[:, None], (batch_size, beam_size))
+    logits_BxKxV = unflatten_beam_dim(logits_NxV, batch_size, beam_size)
+    log_probs_BxKxV = _log_probs(logits_BxKxV, force_BxK, eos_id)
+    totals_BxKxV = state.live_log_probs_BxK[:, :, None] + log_probs_BxKxV
+    totals_BxKV = totals_BxKxV.reshape(batch_size, beam_size * vocab_size)
+    count = min(2 * beam_size, beam_size * vocab_size)
+    log_probs_BxC, flat_BxC = jax.lax.top_k(totals_BxKV, count)
+    return log_probs_BxC, flat_BxC // vocab_size, flat_BxC % vocab_size, cache
+
+
+def _merge_finished(state: _BeamState, scores_BxC: jax.Array, seqs_BxCxT1: jax.Array,
+                    lengths_BxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top K of the finished set and new hypotheses; old ones first so ties keep them."""
+    beam_size = state.finished_scores_BxK.shape[1]
+    scores_BxM = jnp.concatenate([state.finished_scores_BxK, scores_BxC], axis=1)
+    seqs_BxMxT1 = jnp.concatenate([state.finished_seqs_BxKxT1, seqs_BxCxT1], axis=1)
+    lengths_BxM = jnp.concatenate([state.finished_lengths_BxK, lengths_BxC], axis=1)
+    scores_BxK, keep_BxK = jax.lax.top_k(scores_BxM, beam_size)
+    seqs_BxKxT1, lengths_BxK = gather_beams((seqs_BxMxT1, lengths_BxM), keep_BxK)
+    return scores_BxK, seqs_BxKxT1, lengths_BxK
+
+
+def _beam_step(state: _BeamState, tokens_to_logits: TokensToLogits, limits_B: jax.Array,
+               eos_id: int, alpha: float) -> _BeamState:
+    """One token for every live beam: EOS candidates to the finished set, the best K stay live."""
+    batch_size, beam_size = state.live_log_probs_BxK.shape
+    log_probs_BxC, parents_BxC, tokens_BxC, cache = _top_candidates(
+        state, tokens_to_logits, limits_B, eos_id)
+    seqs_BxCxT1 = gather_beams(state.live_seqs_BxKxT1, parents_BxC)
+    seqs_BxCxT1 = seqs_BxCxT1.at[:, :, state.index + 1].set(tokens_BxC)
+    is_eos_BxC = tokens_BxC == eos_id
+    # Only EOS candidates ranked within the top K finish (see the module docstring).
+    in_top_k_C = jnp.arange(tokens_BxC.shape[1]) < beam_size
+    ends_BxC = is_eos_BxC & in_top_k_C[None, :]
+    ended_BxC = log_probs_BxC / length_penalty(state.index + 1, alpha)
+    finished = _merge_finished(state, jnp.where(ends_BxC, ended_BxC, NEG_INF), seqs_BxCxT1,
+                               jnp.full_like(tokens_BxC, state.index + 1))
+    live_log_probs_BxK, keep_BxK = jax.lax.top_k(
+        jnp.where(is_eos_BxC, NEG_INF, log_probs_BxC), beam_size)
+    parents_BxK = jnp.take_along_axis(parents_BxC, keep_BxK, axis=1)
+    return state.replace(
+        index=state.index + 1,
+        live_log_probs_BxK=live_log_probs_BxK,
+        live_seqs_BxKxT1=gather_beams(seqs_BxCxT1, keep_BxK),
+        finished_scores_BxK=finished[0], finished_seqs_BxKxT1=finished[1],
+        finished_lengths_BxK=finished[2],
+        cache=_gather_cache(cache, parents_BxK, beam_size))
+
+
+def _rows_done(state: _BeamState, limits_B: jax.Array, max_len: int, alpha: float) -> jax.Array:
+    """bool (B,): no live beam can beat the worst finished hypothesis (true if none is live)."""
+    final_B = jnp.minimum(limits_B, max_len)
+    # Log-probs only fall as a beam grows, so its best score is its log-prob over the largest
+    # penalty it can still get: penalties are monotonic in length, the lengths it can end at
+    # lie in [index, final] (index itself when the loop stops and it is scored as ended).
+    best_penalty_B = jnp.maximum(length_penalty(state.index, alpha),
+                                 length_penalty(final_B, alpha))
+    best_live_B = jnp.max(state.live_log_probs_BxK, axis=1) / best_penalty_B
+    worst_finished_B = jnp.min(state.finished_scores_BxK, axis=1)
+    return worst_finished_B >= best_live_B
+
+
+def _final_hypotheses(state: _BeamState, alpha: float) -> DecodeOutput:
+    """Live beams scored as if ended merged into the finished set; empty slots zeroed."""
+    live_scores_BxK = state.live_log_probs_BxK / length_penalty(state.index, alpha)
+    live_lengths_BxK = jnp.full_like(state.finished_lengths_BxK, state.index)
+    scores_BxK, seqs_BxKxT1, lengths_BxK = _merge_finished(
+        state, live_scores_BxK, state.live_seqs_BxKxT1, live_lengths_BxK)
+    valid_BxK = jnp.isfinite(scores_BxK)
+    return DecodeOutput(tokens=jnp.where(valid_BxK[:, :, None], seqs_BxKxT1[:, :, 1:], 0),
+                        scores=scores_BxK, lengths=jnp.where(valid_BxK, lengths_BxK, 0))
+
+
+def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int, beam_size: int,
+                bos_id: int, eos_id: int, max_len: int, alpha: float = 0.6,
+                max_len_per_row: ArrayLike | None = None) -> DecodeOutput:
+    """The beam_size best hypotheses per row under sum log-prob / length_penalty(length, alpha).
+
+    `cache` leaves have the batch dimension B first; the callback sees them tiled to B*K rows.
+    A row with fewer than K possible hypotheses gets empty slots: score -inf, tokens and
+    length 0.
+    """
+    limits_B = _row_limits(max_len_per_row, batch_size, max_len)
+    state = _init_beam_state(cache, batch_size, beam_size, bos_id, max_len)
+
+    def cond(state: _BeamState) -> jax.Array:
+        all_done = jnp.all(_rows_done(state, limits_B, max_len, alpha))
+        return (state.index < max_len) & ~all_done
+
+    def body(state: _BeamState) -> _BeamState:
+        return _beam_step(state, tokens_to_logits, limits_B, eos_id, alpha)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return _final_hypotheses(state, alpha)
