@@ -198,6 +198,7 @@ class CheckpointConfig:
     every_steps: int = 1000
     keep: int = 3
     use_async: bool = True
+    average_last: int = 0  # at the end, average the last N checkpoints' params (<= keep); 0: off
 
 
 @dataclasses.dataclass(frozen=True)

@@ -245,9 +245,35 @@ def setup(config, trainer: TrainerConfig, workdir: str) -> Setup:
                  compiled_for, train_key, eval_key)
 
 
+def average_checkpoints(task: Task, s: Setup, state, eval_step, writer, workdir: str,
+                        count: int) -> dict[str, float]:
+    """Averages the params of the last `count` checkpoints into <workdir>/averaged; evaluates them."""
+    s.checkpointer.wait()
+    steps = sorted(s.checkpointer.manager.all_steps())[-count:]
+    trees = [checkpoint_lib.load_params(workdir, step) for step in steps]
+    mean = jax.tree_util.tree_map(
+        lambda *xs: (sum(np.asarray(x, np.float64) for x in xs) / len(xs)).astype(xs[0].dtype), *trees)
+    params = jax.device_put(mean, s.shardings["params"])
+    summary = {}
+    if task.eval_batches is not None:
+        summary = evaluate(task, eval_step, {**state, "params": params}, s.batch_sharding, s.eval_key)
+        writer.write(steps[-1], "averaged", summary)
+        log.info("averaged checkpoints %s: %s", steps, {k: round(v, 4) for k, v in summary.items()})
+    saver = checkpoint_lib.Checkpointer(workdir_lib.path(workdir, workdir_lib.AVERAGED_DIR), keep=1,
+                                        use_async=False)
+    saver.save(steps[-1], {"params": params}, force=True)
+    saver.close()
+    if jax.process_index() == 0:
+        workdir_lib.write_json(workdir_lib.path(workdir, "averaged.json"), {"steps": steps, **summary})
+    return summary
+
+
 def run(config, workdir: str) -> dict[str, Any]:
     """Trains `config.task` in `workdir`, resuming if it holds a checkpoint; returns final eval."""
     trainer = TrainerConfig.from_config(config)
+    if trainer.ckpt.average_last > trainer.ckpt.keep:
+        raise ValueError(f"ckpt.average_last={trainer.ckpt.average_last} exceeds ckpt.keep="
+                         f"{trainer.ckpt.keep}: keep at least as many checkpoints as are averaged")
     workdir_lib.check_writable(workdir)
     is_lead = jax.process_index() == 0
     s = setup(config, trainer, workdir)
@@ -301,6 +327,8 @@ def run(config, workdir: str) -> dict[str, Any]:
         finished = int(state["step"]) >= num_steps or keeper.stopped
         if finished and not final_eval and task.eval_batches is not None:  # resumed a finished run
             final_eval = evaluate(task, eval_step, state, s.batch_sharding, s.eval_key)
+        if finished and trainer.ckpt.average_last > 1:
+            average_checkpoints(task, s, state, eval_step, writer, workdir, trainer.ckpt.average_last)
     except KeyboardInterrupt:
         log.warning("interrupted: saving step %d", int(state["step"]))
         s.checkpointer.save(int(state["step"]), state, s.train_iter, force=True)

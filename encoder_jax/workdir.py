@@ -8,6 +8,7 @@ A run's --workdir holds::
   tokenizer.model | vocab.txt (+ tokenizer_config.json)   the run's tokenizer
   checkpoints/<step>/     Orbax {state, data} (see `checkpoint`)
   best/checkpoints/<step>/  params of the best evaluation; best.json its record
+  averaged/checkpoints/<step>/  the last checkpoints' mean params (ckpt.average_last); averaged.json
   metrics.jsonl, tensorboard/, curves_*.png, final_eval.json
   report/, report_best/   evaluation reports (classification)
   predictions.jsonl       --mode predict's default output
@@ -37,6 +38,7 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.json"
 LABELS_FILE = "labels.json"
 BEST_DIR = "best"
+AVERAGED_DIR = "averaged"  # params averaged over the last checkpoints (ckpt.average_last)
 BEST_FILE = "best.json"
 FINAL_EVAL_FILE = "final_eval.json"
 METRICS_FILE = "metrics.jsonl"
@@ -160,12 +162,13 @@ def read_label_space(workdir: str) -> LabelSpace | None:
 
 
 def checkpoint_source(workdir: str) -> str:
-    """Where a finished run's params are: <workdir>/best if it kept one, else <workdir>."""
+    """Where a finished run's params are: <workdir>/averaged (if asked for), /best, else <workdir>."""
     def has_steps(directory):
         ckpt = os.path.join(directory, checkpoint.CHECKPOINT_DIR)
         return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
 
-    source = next((d for d in (path(workdir, BEST_DIR), workdir) if has_steps(d)), None)
+    candidates = (path(workdir, AVERAGED_DIR), path(workdir, BEST_DIR), workdir)
+    source = next((d for d in candidates if has_steps(d)), None)
     if source is None:
         raise FileNotFoundError(f"--workdir {workdir!r} holds no checkpoint: train there first")
     return source
@@ -200,7 +203,8 @@ def load_trained(workdir: str, step: int | None = None, word_segmenter: str = "a
     """A run's (model record, params, tokenizer, labels): what predict, export and serving use.
 
     Params come from checkpoint `step` of <workdir>/checkpoints when given, else
-    from the best evaluation's checkpoint if the run kept one, else the latest.
+    from the averaged checkpoint (ckpt.average_last), the best evaluation's if the
+    run kept one, else the latest.
     Without `need_tokenizer`, a directory with no tokenizer gives `tokenizer=None`.
     """
     if not os.path.isdir(workdir):

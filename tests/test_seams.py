@@ -265,3 +265,19 @@ def test_mlm_continues_from_another_run_through_the_one_pretrained_path(corpus_f
     assert open(os.path.join(first, "tokenizer.model"), "rb").read() == \
         open(os.path.join(second, "tokenizer.model"), "rb").read()
     assert workdir_lib.read_model_record(second) == workdir_lib.read_model_record(first)
+
+
+def test_the_last_checkpoints_are_averaged_evaluated_and_preferred(toy_task, tmp_path):
+    run = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="ckpt.average_last=20 exceeds ckpt.keep=10"):
+        train.run(toy_state_task.config(**{"ckpt.average_last": 20}), run)
+    train.run(toy_state_task.config(**{"ckpt.average_last": 3}), run)
+    want = np.mean([checkpoint.load_params(run, step)["w"] for step in (4, 5, 6)], axis=0)
+    np.testing.assert_allclose(checkpoint.load_params(os.path.join(run, "averaged"))["w"], want,
+                               rtol=1e-6)
+    assert workdir_lib.checkpoint_source(run).endswith("averaged")
+    record = workdir_lib.read_json(os.path.join(run, "averaged.json"))
+    assert record["steps"] == [4, 5, 6] and "loss" in record
+    averaged = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl")))
+                if r["split"] == "averaged"]
+    assert len(averaged) == 1 and averaged[0]["step"] == 6
