@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -40,6 +41,22 @@ def test_smoke_variant_trains_and_resumes(experiment, tmp_path, cache_env):
         after = f.read()
     assert after.startswith(before) and '"step": 3' in after[len(before):]
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+    pinned = PINNED_FIRST_LOSSES.get(os.path.basename(experiment))
+    if pinned:
+        import json
+
+        losses = [json.loads(line)["loss"] for line in before.splitlines()
+                  if json.loads(line)["split"] == "train"]
+        np.testing.assert_allclose(losses[:2], pinned, rtol=1e-5, err_msg=(
+            "the first two training losses of the smoke variant changed: fine after an intended "
+            "change of the model, data, initialisation or loss (update PINNED_FIRST_LOSSES); "
+            "a refactoring must leave them equal"))
+
+
+# Training losses at steps 1 and 2 of the smoke variants whose data is generated here (the MLM
+# smoke corpus is the running Python's own documentation, so it differs between Python versions).
+PINNED_FIRST_LOSSES = {"classify_news.py": (1.385326862335205, 1.388228178024292),
+                       "translate_zh_en.py": (5.720943777901786, 5.697553507486979)}
 
 
 def _last_line(result):

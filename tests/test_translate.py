@@ -116,3 +116,39 @@ def test_data_longer_than_the_model_is_a_one_line_error(data_cache, tmp_path):
     config = smoke_config(data_cache, **{"data.max_len": 200, "data.pad_lengths": (16, 200)})
     with pytest.raises(ValueError, match=r"^data.max_len=200 exceeds model.max_len=128"):
         train.run(config, str(tmp_path / "run"))
+
+
+def test_predict_through_launch_py(smoke_run, data_cache, tmp_path):
+    import subprocess
+    import sys
+
+    workdir, _ = smoke_run
+    source = tmp_path / "in.txt"
+    source.write_text("五十二\n一把椅子\n", encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch.py"), "--config",
+         os.path.join(ROOT, "experiments", "translate_zh_en.py") + ":smoke", "--workdir", workdir,
+         "--mode", "predict", f"--config.predict.input={source}", f"--config.data.data_dir={data_cache}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(open(os.path.join(workdir, "predictions.txt"), encoding="utf-8").read().splitlines()) == 2
+    missing = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch.py"), "--config",
+         os.path.join(ROOT, "experiments", "translate_zh_en.py") + ":smoke", "--workdir", workdir,
+         "--mode", "predict", f"--config.predict.input={tmp_path / 'nope.txt'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and str(tmp_path / "nope.txt") in missing.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_the_demo_learns_dev_bleu_rises_well_above_its_first_evaluation(data_cache, tmp_path):
+    """The demo data with a small model: BLEU after 600 steps >> after 50 (about 3 minutes)."""
+    config = smoke_config(data_cache, **{
+        "model.hidden_dim": 64, "model.num_heads": 4, "model.mlp_dim": 256, "model.num_layers": 2,
+        "model.decoder_layers": 2, "tokenizer.vocab_size": 600, "data.max_tokens": 2048,
+        "train.num_steps": 600, "eval.every_steps": 50, "opt.warmup_steps": 100,
+        "data.max_eval_examples": 200, "ckpt.every_steps": 600, "train.log_every": 50})
+    train.run(config, str(tmp_path / "run"))
+    evals = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    bleu = [r["bleu"] for r in evals if r["split"] == "eval"]
+    assert bleu[-1] > bleu[0] + 20, bleu
