@@ -42,6 +42,14 @@ class MetricWriter:
             self._tb.close()
 
 
+def write_text_summary(workdir: str, tag: str, text: str, step: int) -> None:
+    """A text entry (e.g. sample translations) in the run's TensorBoard events."""
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(os.path.join(workdir, "tensorboard")) as writer:
+        writer.add_text(tag, text, step)
+
+
 def _is_number(v: Any) -> bool:
     try:
         return math.isfinite(float(v))

@@ -56,6 +56,10 @@ def test_smoke_run_evaluates_bleu_and_writes_translations(smoke_run):
     hypotheses = open(os.path.join(workdir, "translations", "step_2.hyp"), encoding="utf-8")
     assert len(hypotheses.read().splitlines()) == 64  # data.max_eval_examples
     assert os.path.isfile(os.path.join(workdir, "plots", "bleu.png"))
+    events = b"".join(open(os.path.join(root, name), "rb").read()
+                      for root, _, names in os.walk(os.path.join(workdir, "tensorboard"))
+                      for name in names)
+    assert b"eval/translations" in events, "sample translations reach TensorBoard as text"
 
 
 def test_predict_writes_one_line_per_input_with_scores_and_nbest(smoke_run, data_cache, tmp_path):

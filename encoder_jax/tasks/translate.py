@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from encoder_jax import configs, decode, metrics, pretrained as pretrained_lib
+from encoder_jax import configs, decode, metrics, pretrained as pretrained_lib, reporting
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, sources, tokenizer as tokenizer_lib
 from encoder_jax.data import translation as data_lib
@@ -204,8 +204,11 @@ def evaluation_hooks(workdir, eval_examples, eval_source, target_tok, eos_id: in
         if not workdir or "last" not in cache:
             return
         hypotheses, scores = cache["last"]
-        write_translations(workdir_lib.path(workdir, TRANSLATIONS_DIR), step, sources_text,
-                           references, hypotheses, scores, samples)
+        path = write_translations(workdir_lib.path(workdir, TRANSLATIONS_DIR), step, sources_text,
+                                  references, hypotheses, scores, samples)
+        with open(path, encoding="utf-8") as f:  # markdown: two spaces end a line
+            reporting.write_text_summary(workdir, "eval/translations",
+                                         f.read().replace("\n", "  \n"), step)
 
     return dict(eval_batches=eval_batches, summarize_eval=summarize_eval, on_eval=on_eval)
 
