@@ -42,15 +42,8 @@ def train_tokenizers(config, workdir: str | None, train_source, cache_dir: str):
     """(source, target) tokenizers trained here: one joint model, or one per side."""
     tok_cfg = configs.section(configs.TranslationTokenizerConfig, config.tokenizer, "tokenizer")
 
-    def texts(*fields):
-        def gen():
-            for i in range(len(train_source)):
-                record = train_source[i]
-                yield from (record[f] for f in fields)
-        return gen
-
-    base = configs.TokenizerConfig(**{k: getattr(tok_cfg, k) for k in configs.field_names(
-        configs.TokenizerConfig)})
+    texts = lambda *fields: side_texts(train_source, *fields)
+    base = side_config(tok_cfg)
     if tok_cfg.joint:
         joint = tokenizer_lib.get_tokenizer(base, workdir=workdir, cache_dir=cache_dir,
                                             corpus_id=f"{train_source!r}:joint",
@@ -59,6 +52,21 @@ def train_tokenizers(config, workdir: str | None, train_source, cache_dir: str):
     source = tokenizer_lib.get_tokenizer(base, workdir=workdir, cache_dir=cache_dir,
                                          corpus_id=f"{train_source!r}:source", texts=texts("source"))
     return source, target_tokenizer(tok_cfg, base, workdir, train_source, cache_dir, texts("target"))
+
+
+def side_texts(train_source, *fields: str):
+    """() -> the texts of `fields` ("source", "target") of every training pair."""
+    def texts():
+        for i in range(len(train_source)):
+            record = train_source[i]
+            yield from (record[f] for f in fields)
+    return texts
+
+
+def side_config(tok_cfg: configs.TranslationTokenizerConfig) -> configs.TokenizerConfig:
+    """The plain tokenizer section of one side (what `get_tokenizer` reads)."""
+    return configs.TokenizerConfig(**{k: getattr(tok_cfg, k)
+                                      for k in configs.field_names(configs.TokenizerConfig)})
 
 
 def target_tokenizer(tok_cfg, base, workdir, train_source, cache_dir, texts):
@@ -115,14 +123,12 @@ def resolve_model(config, workdir, train_source, cache_dir):
     if pretrained.config.vocab_size != pretrained.tokenizer.vocab_size:
         raise ValueError(f"{pretrained.source}: encoder vocab {pretrained.config.vocab_size} != "
                          f"tokenizer vocab {pretrained.tokenizer.vocab_size}")
-    tok_cfg = configs.section(configs.TranslationTokenizerConfig, config.tokenizer, "tokenizer")
-    base = configs.TokenizerConfig(**{k: getattr(tok_cfg, k) for k in configs.field_names(
-        configs.TokenizerConfig)})
-    target_tok = target_tokenizer(tok_cfg, base, workdir, train_source, cache_dir,
-                                  lambda: (train_source[i]["target"] for i in range(len(train_source))))
     if configs.to_dict(config.model).get("share_embeddings"):
         raise ValueError(f"model.share_embeddings=True with {pretrained.source}: the pretrained "
                          f"encoder's vocabulary is the source side only; set it False")
+    tok_cfg = configs.section(configs.TranslationTokenizerConfig, config.tokenizer, "tokenizer")
+    target_tok = target_tokenizer(tok_cfg, side_config(tok_cfg), workdir, train_source, cache_dir,
+                                  side_texts(train_source, "target"))
     shape = {f: getattr(pretrained.config, f) for f in pretrained_lib.SHAPE_FIELDS}
     cfg = model_config(config, pretrained.tokenizer.vocab_size, target_tok.vocab_size, shape)
     return pretrained.tokenizer, target_tok, cfg, pretrained, False
