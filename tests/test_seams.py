@@ -4,6 +4,7 @@ model state and the step reaching the loss, and one pretrained-weights path."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -160,9 +161,14 @@ def test_load_trained_prefers_the_best_checkpoint_and_names_what_is_missing(tmp_
 
 def test_registry_names_unknown_tasks_and_missing_modes():
     assert tasks.load("classify", "predict").__name__ == "encoder_jax.tasks.classify"
-    with pytest.raises(ValueError, match=r"^task='nope'; valid: \['classify', 'mlm'\]$"):
+    names = sorted(tasks.TASKS)
+    assert {"classify", "mlm", "translate"} <= set(names)
+    with pytest.raises(ValueError, match=rf"^task='nope'; valid: {re.escape(str(names))}$"):
         tasks.load("nope")
-    with pytest.raises(ValueError, match=r"^task='mlm' has no predict mode; tasks with one: \['classify'\]$"):
+    able = sorted(n for n, e in tasks.TASKS.items() if "predict" in e.modes)
+    assert "mlm" not in able and "classify" in able
+    with pytest.raises(ValueError, match=rf"^task='mlm' has no predict mode; tasks with one: "
+                                         rf"{re.escape(str(able))}$"):
         tasks.load("mlm", "predict")
 
 
