@@ -20,9 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from encoder_jax import configs, decode, metrics, pretrained as pretrained_lib, reporting
+from encoder_jax import configs, decode, losses, metrics, pretrained as pretrained_lib, reporting
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, sources, tokenizer as tokenizer_lib
 from encoder_jax.data import translation as data_lib
@@ -238,13 +237,8 @@ def write_translations(directory: str, step: int, sources_text, references, hypo
 def token_sums(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
                label_smoothing: float) -> dict[str, jax.Array]:
     """Per-row sums (B,) of the smoothed loss, nll, correct tokens and real tokens."""
-    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
-    xent_BxT = nll_BxT
-    if label_smoothing > 0:
-        uniform_BxT = -jax.nn.log_softmax(logits_BxTxV).mean(-1)
-        xent_BxT = (1.0 - label_smoothing) * nll_BxT + label_smoothing * uniform_BxT
-    correct_BxT = (logits_BxTxV.argmax(-1) == targets_BxT).astype(jnp.float32)
+    xent_BxT, nll_BxT = losses.smoothed_cross_entropy(logits_BxTxV, targets_BxT, label_smoothing)
+    correct_BxT = losses.argmax_equals(logits_BxTxV, targets_BxT).astype(jnp.float32)
     return {"loss": (xent_BxT * weights_BxT).sum(-1), "nll": (nll_BxT * weights_BxT).sum(-1),
             "accuracy": (correct_BxT * weights_BxT).sum(-1), "denominator": weights_BxT.sum(-1)}
 
