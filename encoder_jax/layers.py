@@ -110,17 +110,61 @@ def _kernel_init(config: EncoderConfig):
     return nn.initializers.truncated_normal(config.init_std)
 
 
+def _heads_major(x_BxSxNxH: jax.Array) -> jax.Array:
+    """(B, S, N, H) -> (B, N, S, H), the decode caches' layout."""
+    return jnp.transpose(x_BxSxNxH, (0, 2, 1, 3))
+
+
+def _attend(q_BxLxNxH: jax.Array, k_BxSxNxH: jax.Array, v_BxSxNxH: jax.Array,
+            mask_Bx1xLxS: jax.Array | None, dropout: nn.Dropout | None) -> jax.Array:
+    """Softmax attention (B, L, N, H); `dropout` (training) on the probabilities."""
+    if dropout is None:
+        return jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask=mask_Bx1xLxS)
+    # jax.nn.dot_product_attention has no dropout on the probabilities.
+    logits_BxNxLxS = jnp.einsum("blnh,bsnh->bnls", q_BxLxNxH, k_BxSxNxH,
+                                preferred_element_type=jnp.float32) * q_BxLxNxH.shape[-1] ** -0.5
+    logits_BxNxLxS = jnp.where(mask_Bx1xLxS, logits_BxNxLxS, jnp.finfo(jnp.float32).min)
+    probs_BxNxLxS = dropout(jax.nn.softmax(logits_BxNxLxS, axis=-1))
+    return jnp.einsum("bnls,bsnh->blnh", probs_BxNxLxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
+
+
+def _attend_cache(q_RxLxNxH: jax.Array, k_CxNxSxH: jax.Array, v_CxNxSxH: jax.Array,
+                  mask: jax.Array | None) -> jax.Array:
+    """Softmax attention of R = G*C query rows over C cached rows (heads-major); (R, L, N, H).
+
+    Query row c*G + g attends over cached row c (G = 1: row over row). `mask` is per
+    cached row, (C, 1, 1, S), broadcast over the G*L queries.
+    """
+    rows, length, heads, head_dim = q_RxLxNxH.shape
+    cached = k_CxNxSxH.shape[0]
+    group = rows // cached
+    q_CxNxGLxH = jnp.transpose(q_RxLxNxH.reshape(cached, group * length, heads, head_dim),
+                               (0, 2, 1, 3))
+    logits_CxNxGLxS = jnp.einsum("cnqh,cnsh->cnqs", q_CxNxGLxH, k_CxNxSxH,
+                                 preferred_element_type=jnp.float32) * head_dim ** -0.5
+    if mask is not None:
+        logits_CxNxGLxS = jnp.where(mask, logits_CxNxGLxS, jnp.finfo(jnp.float32).min)
+    probs_CxNxGLxS = jax.nn.softmax(logits_CxNxGLxS, axis=-1).astype(v_CxNxSxH.dtype)
+    out_CxNxGLxH = jnp.einsum("cnqs,cnsh->cnqh", probs_CxNxGLxS, v_CxNxSxH)
+    return jnp.transpose(out_CxNxGLxH, (0, 2, 1, 3)).reshape(rows, length, heads, head_dim)
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention of x over itself, over `kv` (cross-attention), or over a decode cache.
 
     Modes (keyword arguments):
       default: keys/values from x (or `kv_BxSxD`); returns out (B, L, D).
       `cache` + `decode_index`: self-attention decoding: x's keys/values (L = 1) are
-        written into `cache` {"key", "value"} (B, T, N, H) at `decode_index` and x
+        written into `cache` {"key", "value"} (B, N, T, H) at `decode_index` and x
         attends over the cache; returns (out, new cache).
-      `cache` alone: attends over precomputed keys/values (cross-attention decoding);
+      `cache` alone: attends over precomputed keys/values {"key", "value"} (C, N, S, H)
+        (cross-attention decoding); x may have G*C rows (G beams per cached row, row
+        g of cached row c at c*G + g), so beams share one copy of the source's keys;
         returns (out, cache).
-      `kv_only`: returns {"key", "value"} of `kv_BxSxD` (a cross-attention cache).
+      `kv_only`: returns {"key", "value"} (B, N, S, H) of `kv_BxSxD` (a cross-attention cache).
+
+    Decode caches are heads-major (B, N, T, H): a loop-carried buffer keeps its layout, and
+    in (B, T, N, H) every decode step would transpose the whole cache to multiply it.
     """
 
     config: EncoderConfig
@@ -135,35 +179,27 @@ class SelfAttention(nn.Module):
             (cfg.num_heads, cfg.head_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             kernel_init=_kernel_init(cfg), name=name)
         if kv_only:
-            return {"key": dense("key")(kv_BxSxD), "value": dense("value")(kv_BxSxD)}
+            return {"key": _heads_major(dense("key")(kv_BxSxD)),
+                    "value": _heads_major(dense("value")(kv_BxSxD))}
         q_BxLxNxH = dense("query")(x_BxLxD)
-        if cache is None:
+        if cache is not None:
+            if decode_index is not None:
+                cache = {name: jax.lax.dynamic_update_slice(
+                             cache[name], _heads_major(dense(name)(x_BxLxD)).astype(cache[name].dtype),
+                             (0, 0, decode_index, 0))
+                         for name in ("key", "value")}
+            out_BxLxNxH = _attend_cache(q_BxLxNxH, cache["key"], cache["value"], mask_Bx1xLxS)
+        else:
             kv_BxSxD = x_BxLxD if kv_BxSxD is None else kv_BxSxD
             k_BxSxNxH, v_BxSxNxH = dense("key")(kv_BxSxD), dense("value")(kv_BxSxD)
-        else:
-            if decode_index is not None:
-                start = (0, decode_index, 0, 0)
-                cache = {"key": jax.lax.dynamic_update_slice(
-                             cache["key"], dense("key")(x_BxLxD).astype(cache["key"].dtype), start),
-                         "value": jax.lax.dynamic_update_slice(
-                             cache["value"], dense("value")(x_BxLxD).astype(cache["value"].dtype), start)}
-            k_BxSxNxH, v_BxSxNxH = cache["key"], cache["value"]
-        if deterministic or cfg.attention_dropout_rate == 0.0:
-            out_BxLxNxH = jax.nn.dot_product_attention(
-                q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask=mask_Bx1xLxS)
-        else:
-            # jax.nn.dot_product_attention has no dropout on the probabilities.
-            scale = cfg.head_dim ** -0.5
-            logits_BxNxLxS = jnp.einsum("blnh,bsnh->bnls", q_BxLxNxH, k_BxSxNxH,
-                                        preferred_element_type=jnp.float32) * scale
-            logits_BxNxLxS = jnp.where(mask_Bx1xLxS, logits_BxNxLxS, jnp.finfo(jnp.float32).min)
-            probs_BxNxLxS = jax.nn.softmax(logits_BxNxLxS, axis=-1)
-            probs_BxNxLxS = nn.Dropout(cfg.attention_dropout_rate)(probs_BxNxLxS, deterministic=False)
-            out_BxLxNxH = jnp.einsum("bnls,bsnh->blnh", probs_BxNxLxS.astype(cfg.dtype), v_BxSxNxH)
+            dropout = (None if deterministic or cfg.attention_dropout_rate == 0.0
+                       else nn.Dropout(cfg.attention_dropout_rate, deterministic=False))
+            out_BxLxNxH = _attend(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask_Bx1xLxS, dropout)
         out_BxLxD = nn.DenseGeneral(cfg.hidden_dim, axis=(-2, -1), dtype=cfg.dtype,
                                     param_dtype=cfg.param_dtype, kernel_init=_kernel_init(cfg),
                                     name="out")(out_BxLxNxH)
         return out_BxLxD if cache is None else (out_BxLxD, cache)
+
 
 
 class FeedForward(nn.Module):
@@ -216,9 +252,10 @@ class DecoderBlock(nn.Module):
     """Causal self-attention, cross-attention over the source, feed-forward (pre- or post-LN).
 
     Without `cache`: teacher forcing over all T target positions; returns y (B, T, D).
-    With `cache` {"self", "cross"} and `decode_index`: one position (T = 1);
-    returns (y, new cache). With `cross_cache_only`: the cross-attention
-    {"key", "value"} of `encoded_BxSxD`.
+    With `cache` (this block's self-attention {"key", "value"}, `SelfAttention`'s layout),
+    `decode_index` and `source_cache` (the cross-attention keys/values of the C source
+    rows; y has G*C rows): one position (T = 1); returns (y, new cache). With
+    `cross_cache_only`: the cross-attention {"key", "value"} of `encoded_BxSxD`.
     """
 
     config: EncoderConfig
@@ -227,7 +264,8 @@ class DecoderBlock(nn.Module):
     def __call__(self, y_BxTxD: jax.Array | None, self_mask_Bx1xTxT: jax.Array | None,
                  encoded_BxSxD: jax.Array | None, cross_mask_Bx1xTxS: jax.Array | None,
                  deterministic: bool = True, cache: dict | None = None,
-                 decode_index: jax.Array | None = None, cross_cache_only: bool = False):
+                 decode_index: jax.Array | None = None, source_cache: dict | None = None,
+                 cross_cache_only: bool = False):
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
         self_attention = SelfAttention(cfg, name="self_attention")
@@ -239,18 +277,15 @@ class DecoderBlock(nn.Module):
         def attend_self(h):
             if cache is None:
                 return self_attention(h, self_mask_Bx1xTxT, deterministic=deterministic)
-            out, new_cache["self"] = self_attention(h, self_mask_Bx1xTxT, cache=cache["self"],
-                                                    decode_index=decode_index,
-                                                    deterministic=deterministic)
+            out, new_cache["self"] = self_attention(h, self_mask_Bx1xTxT, cache=cache,
+                                                    decode_index=decode_index)
             return out
 
         def attend_source(h):
             if cache is None:
                 return cross_attention(h, cross_mask_Bx1xTxS, kv_BxSxD=encoded_BxSxD,
                                        deterministic=deterministic)
-            out, new_cache["cross"] = cross_attention(h, cross_mask_Bx1xTxS, cache=cache["cross"],
-                                                      deterministic=deterministic)
-            return out
+            return cross_attention(h, cross_mask_Bx1xTxS, cache=source_cache)[0]
 
         y_BxTxD = residual(y_BxTxD, attend_self, layer_norm(cfg, "self_attention_norm"), dropout,
                            cfg.pre_norm, deterministic)
@@ -258,4 +293,4 @@ class DecoderBlock(nn.Module):
                            cfg.pre_norm, deterministic)
         y_BxTxD = residual(y_BxTxD, FeedForward(cfg, name="mlp"), layer_norm(cfg, "mlp_norm"),
                            dropout, cfg.pre_norm, deterministic)
-        return y_BxTxD if cache is None else (y_BxTxD, new_cache)
+        return y_BxTxD if cache is None else (y_BxTxD, new_cache["self"])

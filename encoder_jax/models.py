@@ -280,27 +280,32 @@ class Decoder(nn.Module):
             y_BxTxD = block(y_BxTxD, self_mask, encoded_BxSxD, source_mask, deterministic)
         return self.logits(y_BxTxD, shared)
 
-    def init_cache(self, encoded_BxSxD: jax.Array, max_len: int) -> dict[str, Any]:
-        """Per block: zero self-attention keys/values (B, max_len, N, H) and the source's."""
+    def init_cache(self, rows: int, max_len: int) -> dict[str, Any]:
+        """Per block: zero self-attention keys/values (rows, N, max_len, H)."""
         dec = self.config.decoder
-        zeros = jnp.zeros((encoded_BxSxD.shape[0], max_len, dec.num_heads, dec.head_dim), dec.dtype)
-        return {f"block_{i}": {"self": {"key": zeros, "value": zeros},
-                               "cross": block(None, None, encoded_BxSxD, None, cross_cache_only=True)}
+        zeros = jnp.zeros((rows, dec.num_heads, max_len, dec.head_dim), dec.dtype)
+        return {f"block_{i}": {"key": zeros, "value": zeros} for i in range(dec.num_layers)}
+
+    def source_cache(self, encoded_BxSxD: jax.Array) -> dict[str, Any]:
+        """Per block: the cross-attention keys/values of the source, (B, N, S, H)."""
+        return {f"block_{i}": block(None, None, encoded_BxSxD, None, cross_cache_only=True)
                 for i, block in enumerate(self.blocks)}
 
     def step(self, ids_N: jax.Array, cache: dict[str, Any], index: jax.Array,
-             source_segment_ids_NxS: jax.Array, shared) -> tuple[jax.Array, dict[str, Any]]:
-        """One token per row at position `index`: (logits (N, V), new cache)."""
+             source_cache: dict[str, Any], source_segment_ids_BxS: jax.Array, shared
+             ) -> tuple[jax.Array, dict[str, Any]]:
+        """One token per row at position `index`: (logits (N, V), new cache); N = G*B rows."""
         rows = ids_N.shape[0]
-        max_len = cache["block_0"]["self"]["key"].shape[1]
+        max_len = cache["block_0"]["key"].shape[2]
         y_Nx1xD = self.embed(ids_N[:, None], jnp.full((rows, 1), index), shared, True)
         self_mask = jnp.broadcast_to(jnp.arange(max_len) <= index, (rows, 1, 1, max_len))
-        source_mask = (source_segment_ids_NxS > 0)[:, None, None, :]
+        source_mask = (source_segment_ids_BxS > 0)[:, None, None, :]
         new_cache = {}
         for i, block in enumerate(self.blocks):
-            y_Nx1xD, new_cache[f"block_{i}"] = block(
-                y_Nx1xD, self_mask, None, source_mask, True, cache=cache[f"block_{i}"],
-                decode_index=index)
+            name = f"block_{i}"
+            y_Nx1xD, new_cache[name] = block(y_Nx1xD, self_mask, None, source_mask, True,
+                                             cache=cache[name], decode_index=index,
+                                             source_cache=source_cache[name])
         return self.logits(y_Nx1xD, shared)[:, 0], new_cache
 
 
@@ -344,11 +349,21 @@ class EncoderDecoder(nn.Module):
         return self.decode(target_in_BxT, encoded_BxSxD, source_segment_ids_BxS,
                            target_segment_ids_BxT, deterministic)
 
-    def init_cache(self, encoded_BxSxD: jax.Array, max_len: int) -> dict[str, Any]:
-        """The decode cache for `max_len` target positions of every row."""
-        return self.decoder.init_cache(encoded_BxSxD, max_len)
+    def init_cache(self, rows: int, max_len: int) -> dict[str, Any]:
+        """The decode cache (self-attention keys/values) for `max_len` target positions of `rows` rows."""
+        return self.decoder.init_cache(rows, max_len)
+
+    def source_cache(self, encoded_BxSxD: jax.Array) -> dict[str, Any]:
+        """The decoder's cross-attention keys/values of an encoded source, computed once per decode."""
+        return self.decoder.source_cache(encoded_BxSxD)
 
     def decode_step(self, ids_N: jax.Array, cache: dict[str, Any], index: jax.Array,
-                    source_segment_ids_NxS: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
-        """The cached decoder on one token per row: (logits (N, V) float32, new cache)."""
-        return self.decoder.step(ids_N, cache, index, source_segment_ids_NxS, self.encoder)
+                    source_cache: dict[str, Any], source_segment_ids_BxS: jax.Array
+                    ) -> tuple[jax.Array, dict[str, Any]]:
+        """The cached decoder on one token per row: (logits (N, V) float32, new cache).
+
+        N = G*B: G hypotheses (beams) per source row, row g of source b at b*G + g; they
+        share the source's cross-attention keys/values (`source_cache`, B rows).
+        """
+        return self.decoder.step(ids_N, cache, index, source_cache, source_segment_ids_BxS,
+                                 self.encoder)

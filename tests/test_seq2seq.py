@@ -62,9 +62,10 @@ def test_cached_incremental_decoding_equals_the_full_forward_pass(share, tie, pr
     variables = {"params": params}
     full = model.apply(variables, source, target)
     encoded = model.apply(variables, source, method=EncoderDecoder.encode)
-    cache = model.apply(variables, encoded, 8, method=EncoderDecoder.init_cache)
+    cache = model.apply(variables, source.shape[0], 8, method=EncoderDecoder.init_cache)
+    source_cache = model.apply(variables, encoded, method=EncoderDecoder.source_cache)
     seg = (source != 0).astype(jnp.int32)
-    step = jax.jit(lambda ids, cache, i: model.apply(variables, ids, cache, i, seg,
+    step = jax.jit(lambda ids, cache, i: model.apply(variables, ids, cache, i, source_cache, seg,
                                                      method=EncoderDecoder.decode_step))
     steps = []
     for i in range(target.shape[1]):
@@ -72,6 +73,28 @@ def test_cached_incremental_decoding_equals_the_full_forward_pass(share, tie, pr
         steps.append(logits)
     assert float(jnp.abs(jnp.stack(steps, 1) - full).max()) <= 1e-5
 
+
+
+def test_beams_sharing_one_source_cache_equal_beams_with_a_tiled_source():
+    model, params, source, target = make(False, True, True, (50, 40))
+    variables, beams = {"params": params}, 3
+    rows = source.shape[0] * beams
+    seg = (source != 0).astype(jnp.int32)
+    encoded = model.apply(variables, source, method=EncoderDecoder.encode)
+    shared = model.apply(variables, encoded, method=EncoderDecoder.source_cache)
+    tiled = model.apply(variables, jnp.repeat(encoded, beams, axis=0),
+                        method=EncoderDecoder.source_cache)
+    ids = jnp.arange(rows, dtype=jnp.int32) % 37 + 4  # a different token for every beam
+    outputs = []
+    for source_cache, source_seg in ((shared, seg), (tiled, jnp.repeat(seg, beams, axis=0))):
+        cache = model.apply(variables, rows, 8, method=EncoderDecoder.init_cache)
+        for i in range(3):
+            logits, cache = model.apply(variables, ids + i, cache, jnp.asarray(i), source_cache,
+                                        source_seg, method=EncoderDecoder.decode_step)
+        outputs.append(logits)
+    assert outputs[0].shape == (rows, 40)
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
+    assert float(jnp.abs(outputs[0][0] - outputs[0][1]).max()) > 1e-3  # beams did differ
 
 def test_weight_tying_and_sharing_decide_the_parameter_tree():
     _, separate, _, _ = make(False, True)

@@ -156,13 +156,13 @@ def translate_batch(model: EncoderDecoder, params, batch: dict[str, jax.Array], 
     source_seg_BxS = batch["source_segment_ids"]
     encoded_BxSxD = model.apply(variables, batch["source_ids"], source_seg_BxS,
                                 method=EncoderDecoder.encode)
-    cache = model.apply(variables, encoded_BxSxD, max_len, method=EncoderDecoder.init_cache)
+    source_cache = model.apply(variables, encoded_BxSxD, method=EncoderDecoder.source_cache)
     rows = batch["source_ids"].shape[0]
+    cache = model.apply(variables, rows, max_len, method=EncoderDecoder.init_cache)
     limits_B = decode.max_lengths((source_seg_BxS > 0).sum(-1), max_len_a, max_len_b, max_len)
-    source_seg_NxS = jnp.repeat(source_seg_BxS, beam_size, axis=0) if beam_size > 1 else source_seg_BxS
 
-    def tokens_to_logits(ids_N, cache, index):
-        return model.apply(variables, ids_N, cache, index, source_seg_NxS,
+    def tokens_to_logits(ids_N, cache, index):  # the source's keys/values stay out of the loop state
+        return model.apply(variables, ids_N, cache, index, source_cache, source_seg_BxS,
                            method=EncoderDecoder.decode_step)
 
     if beam_size == 1:
