@@ -3,8 +3,10 @@
 Callback contract, `tokens_to_logits(ids_N, cache, index) -> (logits_NxV, new_cache)`:
   ids_N      int32 (N,): the token at position `index` of every row (BOS at index 0); N is
              B for greedy and B*K for beam search (beams folded into the batch axis).
-  cache      any pytree whose leaves all have the row dimension N first; it is tiled K times
-             for beam search and reordered (`gather_beams`) whenever beams are reordered.
+  cache      any pytree. Beam search by default tiles its leaves (row dimension B first) K
+             times and reorders them (`gather_beams`) whenever beams are reordered; with
+             `reorder_cache` the cache is the caller's (built for B*K hypotheses, any layout)
+             and `reorder_cache(cache, parents_BxK)` is all the search does to it.
   index      int32 scalar.
   logits_NxV float32: scores of the token at position index + 1.
 
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 TokensToLogits = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+ReorderCache = Callable[[Any, jax.Array], Any]  # (cache, parents_BxK) -> cache
 NEG_INF = float("-inf")  # marks empty beam slots and forbidden tokens; never subtracted
 
 
@@ -73,9 +76,9 @@ def gather_beams(tree: Any, beam_indices_BxM: jax.Array) -> Any:
     return jax.tree.map(lambda x_BxKxS: x_BxKxS[rows_Bx1, beam_indices_BxM], tree)
 
 
-def _gather_cache(cache: Any, parents_BxK: jax.Array, beam_size: int) -> Any:
+def gather_cache(cache: Any, parents_BxK: jax.Array) -> Any:
     """Reorders the folded cache leaves (B*K, ...) so that beam k continues parents_BxK[:, k]."""
-    batch_size = parents_BxK.shape[0]
+    batch_size, beam_size = parents_BxK.shape
 
     def gather(x_NxS):
         x_BxKxS = unflatten_beam_dim(x_NxS, batch_size, beam_size)
@@ -178,7 +181,7 @@ class _BeamState:
 
 
 def _init_beam_state(cache: Any, batch_size: int, beam_size: int, bos_id: int,
-                     max_len: int) -> _BeamState:
+                     max_len: int, tile_cache: bool) -> _BeamState:
     """One live beam per row (the others empty, so step 0 does not pick K copies of a token)."""
     first_K = jnp.where(jnp.arange(beam_size) == 0, 0.0, NEG_INF).astype(jnp.float32)
     seqs_BxKxT1 = jnp.zeros((batch_size, beam_size, max_len + 1), jnp.int32)
@@ -189,7 +192,8 @@ def _init_beam_state(cache: Any, batch_size: int, beam_size: int, bos_id: int,
         finished_scores_BxK=jnp.full((batch_size, beam_size), NEG_INF, jnp.float32),
         finished_seqs_BxKxT1=seqs_BxKxT1,
         finished_lengths_BxK=jnp.zeros((batch_size, beam_size), jnp.int32),
-        cache=jax.tree.map(lambda x: flatten_beam_dim(add_beam_dim(x, beam_size)), cache))
+        cache=(jax.tree.map(lambda x: flatten_beam_dim(add_beam_dim(x, beam_size)), cache)
+               if tile_cache else cache))
 
 
 def _top_candidates(state: _BeamState, tokens_to_logits: TokensToLogits, limits_B: jax.Array,
@@ -223,7 +227,7 @@ def _merge_finished(state: _BeamState, scores_BxC: jax.Array, seqs_BxCxT1: jax.A
 
 
 def _beam_step(state: _BeamState, tokens_to_logits: TokensToLogits, limits_B: jax.Array,
-               eos_id: int, alpha: float) -> _BeamState:
+               eos_id: int, alpha: float, reorder_cache: ReorderCache) -> _BeamState:
     """One token for every live beam: EOS candidates to the finished set, the best K stay live."""
     batch_size, beam_size = state.live_log_probs_BxK.shape
     log_probs_BxC, parents_BxC, tokens_BxC, cache = _top_candidates(
@@ -246,7 +250,7 @@ def _beam_step(state: _BeamState, tokens_to_logits: TokensToLogits, limits_B: ja
         live_seqs_BxKxT1=gather_beams(seqs_BxCxT1, keep_BxK),
         finished_scores_BxK=finished[0], finished_seqs_BxKxT1=finished[1],
         finished_lengths_BxK=finished[2],
-        cache=_gather_cache(cache, parents_BxK, beam_size))
+        cache=reorder_cache(cache, parents_BxK))
 
 
 def _rows_done(state: _BeamState, limits_B: jax.Array, max_len: int, alpha: float) -> jax.Array:
@@ -275,22 +279,29 @@ def _final_hypotheses(state: _BeamState, alpha: float) -> DecodeOutput:
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int, beam_size: int,
                 bos_id: int, eos_id: int, max_len: int, alpha: float = 0.6,
-                max_len_per_row: ArrayLike | None = None) -> DecodeOutput:
+                max_len_per_row: ArrayLike | None = None,
+                reorder_cache: ReorderCache | None = None) -> DecodeOutput:
     """The beam_size best hypotheses per row under sum log-prob / length_penalty(length, alpha).
 
-    `cache` leaves have the batch dimension B first; the callback sees them tiled to B*K rows.
+    Without `reorder_cache`, `cache` leaves have the batch dimension B first and the callback
+    sees them tiled to B*K rows, gathered whenever beams are reordered. With it, the cache is
+    built by the caller for the B*K hypotheses and reordered only by
+    `reorder_cache(cache, parents_BxK)` (beam k continues parents_BxK[:, k]), e.g. by
+    reordering a small table of ancestors instead of every key and value.
     A row with fewer than K possible hypotheses gets empty slots: score -inf, tokens and
     length 0.
     """
     limits_B = _row_limits(max_len_per_row, batch_size, max_len)
-    state = _init_beam_state(cache, batch_size, beam_size, bos_id, max_len)
+    state = _init_beam_state(cache, batch_size, beam_size, bos_id, max_len,
+                             tile_cache=reorder_cache is None)
+    reorder_cache = reorder_cache or gather_cache
 
     def cond(state: _BeamState) -> jax.Array:
         all_done = jnp.all(_rows_done(state, limits_B, max_len, alpha))
         return (state.index < max_len) & ~all_done
 
     def body(state: _BeamState) -> _BeamState:
-        return _beam_step(state, tokens_to_logits, limits_B, eos_id, alpha)
+        return _beam_step(state, tokens_to_logits, limits_B, eos_id, alpha, reorder_cache)
 
     state = jax.lax.while_loop(cond, body, state)
     return _final_hypotheses(state, alpha)

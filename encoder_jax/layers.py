@@ -110,9 +110,9 @@ def _kernel_init(config: EncoderConfig):
     return nn.initializers.truncated_normal(config.init_std)
 
 
-def _heads_major(x_BxSxNxH: jax.Array) -> jax.Array:
-    """(B, S, N, H) -> (B, N, S, H), the decode caches' layout."""
-    return jnp.transpose(x_BxSxNxH, (0, 2, 1, 3))
+def _heads_major(x_BxSxNxH: jax.Array, keys: bool = False) -> jax.Array:
+    """(B, S, N, H) -> the decode caches' layouts: values (B, N, S, H), keys (B, N, H, S)."""
+    return jnp.transpose(x_BxSxNxH, (0, 2, 3, 1) if keys else (0, 2, 1, 3))
 
 
 def _attend(q_BxLxNxH: jax.Array, k_BxSxNxH: jax.Array, v_BxSxNxH: jax.Array,
@@ -128,19 +128,35 @@ def _attend(q_BxLxNxH: jax.Array, k_BxSxNxH: jax.Array, v_BxSxNxH: jax.Array,
     return jnp.einsum("bnls,bsnh->blnh", probs_BxNxLxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
 
 
-def _attend_cache(q_RxLxNxH: jax.Array, k_CxNxSxH: jax.Array, v_CxNxSxH: jax.Array,
+def _write_slots(cache: jax.Array, new_RxLxNxH: jax.Array, index: jax.Array, keys: bool
+                 ) -> jax.Array:
+    """Writes the keys (or values) of the G*C hypotheses (L = 1) at position `index` of their
+    slots: hypothesis g's slot is positions [g*T, (g+1)*T) of the cache's position axis
+    (keys (C, N, H, G*T), values (C, N, G*T, H))."""
+    rows, heads = cache.shape[:2]
+    slots = cache.shape[3] if keys else cache.shape[2]
+    group = new_RxLxNxH.shape[0] // rows
+    new_CxGxNxH = new_RxLxNxH.reshape(rows, group, heads, -1).astype(cache.dtype)
+    for g in range(group):  # G in-place updates; one strided scatter would copy the cache
+        new = _heads_major(new_CxGxNxH[:, g:g + 1], keys)
+        start = g * (slots // group) + index
+        cache = jax.lax.dynamic_update_slice(cache, new, (0, 0, 0, start) if keys else (0, 0, start, 0))
+    return cache
+
+
+def _attend_cache(q_RxLxNxH: jax.Array, k_CxNxHxS: jax.Array, v_CxNxSxH: jax.Array,
                   mask: jax.Array | None) -> jax.Array:
     """Softmax attention of R = G*C query rows over C cached rows (heads-major); (R, L, N, H).
 
     Query row c*G + g attends over cached row c (G = 1: row over row). `mask` is per
-    cached row, (C, 1, 1, S), broadcast over the G*L queries.
+    cached row, (C, 1, 1 or G*L, S), broadcast over the heads (and the queries).
     """
     rows, length, heads, head_dim = q_RxLxNxH.shape
-    cached = k_CxNxSxH.shape[0]
+    cached = k_CxNxHxS.shape[0]
     group = rows // cached
     q_CxNxGLxH = jnp.transpose(q_RxLxNxH.reshape(cached, group * length, heads, head_dim),
                                (0, 2, 1, 3))
-    logits_CxNxGLxS = jnp.einsum("cnqh,cnsh->cnqs", q_CxNxGLxH, k_CxNxSxH,
+    logits_CxNxGLxS = jnp.einsum("cnqh,cnhs->cnqs", q_CxNxGLxH, k_CxNxHxS,
                                  preferred_element_type=jnp.float32) * head_dim ** -0.5
     if mask is not None:
         logits_CxNxGLxS = jnp.where(mask, logits_CxNxGLxS, jnp.finfo(jnp.float32).min)
@@ -154,17 +170,22 @@ class SelfAttention(nn.Module):
 
     Modes (keyword arguments):
       default: keys/values from x (or `kv_BxSxD`); returns out (B, L, D).
-      `cache` + `decode_index`: self-attention decoding: x's keys/values (L = 1) are
-        written into `cache` {"key", "value"} (B, N, T, H) at `decode_index` and x
-        attends over the cache; returns (out, new cache).
-      `cache` alone: attends over precomputed keys/values {"key", "value"} (C, N, S, H)
-        (cross-attention decoding); x may have G*C rows (G beams per cached row, row
-        g of cached row c at c*G + g), so beams share one copy of the source's keys;
-        returns (out, cache).
-      `kv_only`: returns {"key", "value"} (B, N, S, H) of `kv_BxSxD` (a cross-attention cache).
+      `cache` + `decode_index`: self-attention decoding of C rows with G hypotheses each
+        (x has G*C rows, L = 1; hypothesis g of row c at c*G + g): x's keys/values are
+        written into `cache` {"key" (C, N, H, G*T), "value" (C, N, G*T, H)} at position `decode_index`
+        of each hypothesis' slot (slot g: key positions [g*T, (g+1)*T)), and x attends
+        over all G*T positions of its row under `mask` (C, 1, G, G*T), which picks those
+        of its own history; returns (out, new cache).
+      `cache` alone: attends over precomputed {"key" (C, N, H, S), "value" (C, N, S, H)}
+        (cross-attention decoding) with the G*C rows of x as above, so a row's hypotheses
+        share one copy of the source's keys; returns (out, cache).
+      `kv_only`: returns that cache {"key" (B, N, H, S), "value" (B, N, S, H)} of `kv_BxSxD`.
 
-    Decode caches are heads-major (B, N, T, H): a loop-carried buffer keeps its layout, and
-    in (B, T, N, H) every decode step would transpose the whole cache to multiply it.
+    Decode caches are heads-major, keys transposed: a loop-carried buffer keeps its layout,
+    and in (B, T, N, H) every decode step would transpose the whole cache to multiply it
+    (and on CPU q @ K with K (H, S) runs about twice as fast as with K (S, H)).
+    Hypotheses never move between slots (beam search reorders a table of ancestors
+    that the mask is built from), so no step copies the cache.
     """
 
     config: EncoderConfig
@@ -179,14 +200,13 @@ class SelfAttention(nn.Module):
             (cfg.num_heads, cfg.head_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             kernel_init=_kernel_init(cfg), name=name)
         if kv_only:
-            return {"key": _heads_major(dense("key")(kv_BxSxD)),
+            return {"key": _heads_major(dense("key")(kv_BxSxD), keys=True),
                     "value": _heads_major(dense("value")(kv_BxSxD))}
         q_BxLxNxH = dense("query")(x_BxLxD)
         if cache is not None:
             if decode_index is not None:
-                cache = {name: jax.lax.dynamic_update_slice(
-                             cache[name], _heads_major(dense(name)(x_BxLxD)).astype(cache[name].dtype),
-                             (0, 0, decode_index, 0))
+                cache = {name: _write_slots(cache[name], dense(name)(x_BxLxD), decode_index,
+                                            keys=name == "key")
                          for name in ("key", "value")}
             out_BxLxNxH = _attend_cache(q_BxLxNxH, cache["key"], cache["value"], mask_Bx1xLxS)
         else:

@@ -229,6 +229,20 @@ def cross_mask(target_segment_ids_BxT: jax.Array, source_segment_ids_BxS: jax.Ar
             & (source_segment_ids_BxS > 0)[:, None, None, :])
 
 
+def history_mask(ancestors_BxGxT: jax.Array, index: jax.Array) -> jax.Array:
+    """(B, 1, G, G*T): slot (h, t) holds position t <= index of hypothesis g's history."""
+    batch, group, length = ancestors_BxGxT.shape
+    own_BxGxHxT = ancestors_BxGxT[:, :, None, :] == jnp.arange(group)[None, None, :, None]
+    seen_BxGxHxT = own_BxGxHxT & (jnp.arange(length) <= index)[None, None, None, :]
+    return seen_BxGxHxT.reshape(batch, 1, group, group * length)
+
+
+def reorder_beam_cache(cache: dict[str, Any], parents_BxK: jax.Array) -> dict[str, Any]:
+    """Beam k of each row continues parents_BxK[:, k]: only the ancestor table moves."""
+    rows_Bx1 = jnp.arange(parents_BxK.shape[0])[:, None]
+    return {**cache, "ancestors": cache["ancestors"][rows_Bx1, parents_BxK]}
+
+
 class Decoder(nn.Module):
     """Target embeddings -> causal blocks with cross-attention -> logits over the target vocabulary."""
 
@@ -280,11 +294,15 @@ class Decoder(nn.Module):
             y_BxTxD = block(y_BxTxD, self_mask, encoded_BxSxD, source_mask, deterministic)
         return self.logits(y_BxTxD, shared)
 
-    def init_cache(self, rows: int, max_len: int) -> dict[str, Any]:
-        """Per block: zero self-attention keys/values (rows, N, max_len, H)."""
+    def init_cache(self, rows: int, max_len: int, beams: int = 1) -> dict[str, Any]:
+        """Zero self-attention keys (rows, N, H, beams * max_len) and values (rows, N,
+        beams * max_len, H) per block, and the ancestor table int32 (rows, beams, max_len):
+        the slot holding each position of each hypothesis' history (`reorder_beam_cache`)."""
         dec = self.config.decoder
-        zeros = jnp.zeros((rows, dec.num_heads, max_len, dec.head_dim), dec.dtype)
-        return {f"block_{i}": {"key": zeros, "value": zeros} for i in range(dec.num_layers)}
+        values = jnp.zeros((rows, dec.num_heads, beams * max_len, dec.head_dim), dec.dtype)
+        keys = jnp.swapaxes(values, 2, 3)
+        return {"ancestors": jnp.zeros((rows, beams, max_len), jnp.int32),
+                **{f"block_{i}": {"key": keys, "value": values} for i in range(dec.num_layers)}}
 
     def source_cache(self, encoded_BxSxD: jax.Array) -> dict[str, Any]:
         """Per block: the cross-attention keys/values of the source, (B, N, S, H)."""
@@ -294,13 +312,19 @@ class Decoder(nn.Module):
     def step(self, ids_N: jax.Array, cache: dict[str, Any], index: jax.Array,
              source_cache: dict[str, Any], source_segment_ids_BxS: jax.Array, shared
              ) -> tuple[jax.Array, dict[str, Any]]:
-        """One token per row at position `index`: (logits (N, V), new cache); N = G*B rows."""
+        """One token per hypothesis at position `index`: (logits (N, V), new cache).
+
+        N = B*G: the cache's G hypotheses of each of its B rows, hypothesis g of row b at b*G + g.
+        """
         rows = ids_N.shape[0]
-        max_len = cache["block_0"]["key"].shape[2]
+        ancestors_BxGxT = jax.lax.dynamic_update_slice(  # a hypothesis writes its own slot
+            cache["ancestors"], jnp.broadcast_to(
+                jnp.arange(cache["ancestors"].shape[1], dtype=jnp.int32)[None, :, None],
+                cache["ancestors"].shape[:2] + (1,)), (0, 0, index))
         y_Nx1xD = self.embed(ids_N[:, None], jnp.full((rows, 1), index), shared, True)
-        self_mask = jnp.broadcast_to(jnp.arange(max_len) <= index, (rows, 1, 1, max_len))
+        self_mask = history_mask(ancestors_BxGxT, index)
         source_mask = (source_segment_ids_BxS > 0)[:, None, None, :]
-        new_cache = {}
+        new_cache = {"ancestors": ancestors_BxGxT}
         for i, block in enumerate(self.blocks):
             name = f"block_{i}"
             y_Nx1xD, new_cache[name] = block(y_Nx1xD, self_mask, None, source_mask, True,
@@ -349,9 +373,9 @@ class EncoderDecoder(nn.Module):
         return self.decode(target_in_BxT, encoded_BxSxD, source_segment_ids_BxS,
                            target_segment_ids_BxT, deterministic)
 
-    def init_cache(self, rows: int, max_len: int) -> dict[str, Any]:
-        """The decode cache (self-attention keys/values) for `max_len` target positions of `rows` rows."""
-        return self.decoder.init_cache(rows, max_len)
+    def init_cache(self, rows: int, max_len: int, beams: int = 1) -> dict[str, Any]:
+        """The decode cache for `max_len` target positions of `beams` hypotheses per row."""
+        return self.decoder.init_cache(rows, max_len, beams)
 
     def source_cache(self, encoded_BxSxD: jax.Array) -> dict[str, Any]:
         """The decoder's cross-attention keys/values of an encoded source, computed once per decode."""
@@ -362,8 +386,9 @@ class EncoderDecoder(nn.Module):
                     ) -> tuple[jax.Array, dict[str, Any]]:
         """The cached decoder on one token per row: (logits (N, V) float32, new cache).
 
-        N = G*B: G hypotheses (beams) per source row, row g of source b at b*G + g; they
-        share the source's cross-attention keys/values (`source_cache`, B rows).
+        N = B*G: the cache's G hypotheses (beams) per source row, hypothesis g of source b
+        at b*G + g; they share the source's cross-attention keys/values (`source_cache`, B
+        rows). Beam search reorders hypotheses with `reorder_beam_cache`.
         """
         return self.decoder.step(ids_N, cache, index, source_cache, source_segment_ids_BxS,
                                  self.encoder)

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from encoder_jax import decode
 from encoder_jax.layers import EncoderConfig
-from encoder_jax.models import EncoderDecoder, Seq2SeqConfig
+from encoder_jax.models import EncoderDecoder, Seq2SeqConfig, reorder_beam_cache
 
 
 def make(share=False, tie=True, pre_norm=True, vocab=(50, 40)):
@@ -75,26 +76,73 @@ def test_cached_incremental_decoding_equals_the_full_forward_pass(share, tie, pr
 
 
 
-def test_beams_sharing_one_source_cache_equal_beams_with_a_tiled_source():
-    model, params, source, target = make(False, True, True, (50, 40))
-    variables, beams = {"params": params}, 3
-    rows = source.shape[0] * beams
+def _decode_steps(model, variables, cache, source_cache, seg, tokens_NxT, start=0):
+    """Feeds tokens_NxT[:, i] at positions start + i; returns (last logits, cache)."""
+    for i in range(tokens_NxT.shape[1]):
+        logits, cache = model.apply(variables, tokens_NxT[:, i], cache, jnp.asarray(start + i),
+                                    source_cache, seg, method=EncoderDecoder.decode_step)
+    return logits, cache
+
+
+def test_beams_in_one_cache_equal_independent_rows_and_follow_their_reordered_parents():
+    model, params, source, _ = make(False, True, True, (50, 40))
+    variables, beams, batch = {"params": params}, 3, source.shape[0]
     seg = (source != 0).astype(jnp.int32)
     encoded = model.apply(variables, source, method=EncoderDecoder.encode)
     shared = model.apply(variables, encoded, method=EncoderDecoder.source_cache)
     tiled = model.apply(variables, jnp.repeat(encoded, beams, axis=0),
                         method=EncoderDecoder.source_cache)
-    ids = jnp.arange(rows, dtype=jnp.int32) % 37 + 4  # a different token for every beam
-    outputs = []
-    for source_cache, source_seg in ((shared, seg), (tiled, jnp.repeat(seg, beams, axis=0))):
+    tiled_seg = jnp.repeat(seg, beams, axis=0)
+    rows = batch * beams
+    tokens = (jnp.arange(rows * 4, dtype=jnp.int32).reshape(rows, 4) * 7) % 35 + 4  # beams differ
+
+    def as_rows(tokens_NxT):  # every hypothesis its own row: the reference
         cache = model.apply(variables, rows, 8, method=EncoderDecoder.init_cache)
-        for i in range(3):
-            logits, cache = model.apply(variables, ids + i, cache, jnp.asarray(i), source_cache,
-                                        source_seg, method=EncoderDecoder.decode_step)
-        outputs.append(logits)
-    assert outputs[0].shape == (rows, 40)
-    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
-    assert float(jnp.abs(outputs[0][0] - outputs[0][1]).max()) > 1e-3  # beams did differ
+        return _decode_steps(model, variables, cache, tiled, tiled_seg, tokens_NxT)[0]
+
+    cache = model.apply(variables, batch, 8, beams, method=EncoderDecoder.init_cache)
+    logits, cache = _decode_steps(model, variables, cache, shared, seg, tokens[:, :3])
+    assert logits.shape == (rows, 40)
+    np.testing.assert_allclose(logits, as_rows(tokens[:, :3]), atol=1e-5)
+    assert float(jnp.abs(logits[0] - logits[1]).max()) > 1e-3  # beams did differ
+    # Beam k of row b now continues beam parents[b, k]: its history is the parent's tokens.
+    parents = jnp.array([[2, 2, 0], [1, 0, 1], [0, 2, 1]], jnp.int32)
+    cache = reorder_beam_cache(cache, parents)
+    logits, _ = _decode_steps(model, variables, cache, shared, seg, tokens[:, 3:], start=3)
+    flat_parents = (jnp.arange(batch)[:, None] * beams + parents).reshape(-1)
+    history = jnp.concatenate([tokens[flat_parents, :3], tokens[:, 3:]], axis=1)
+    np.testing.assert_allclose(logits, as_rows(history), atol=1e-5)
+
+
+def test_beam_search_on_the_ancestor_cache_equals_gathering_every_key_and_value():
+    model, params, source, _ = make(False, True, True, (50, 40))
+    variables, beams, batch = {"params": params}, 3, source.shape[0]
+    params = {**params, "decoder": {**params["decoder"],  # make EOS (3) likely: beams end early
+                                    "output_bias": params["decoder"]["output_bias"].at[3].add(2.0)}}
+    variables = {"params": params}
+    seg = (source != 0).astype(jnp.int32)
+    encoded = model.apply(variables, source, method=EncoderDecoder.encode)
+    search = dict(batch_size=batch, beam_size=beams, bos_id=2, eos_id=3, max_len=7, alpha=0.6)
+
+    def step_fn(source_cache, source_seg):
+        return lambda ids, cache, i: model.apply(variables, ids, cache, i, source_cache, source_seg,
+                                                 method=EncoderDecoder.decode_step)
+
+    shared = model.apply(variables, encoded, method=EncoderDecoder.source_cache)
+    ancestors = decode.beam_search(
+        step_fn(shared, seg), model.apply(variables, batch, 7, beams, method=EncoderDecoder.init_cache),
+        reorder_cache=reorder_beam_cache, **search)
+    # The generic path: one-hypothesis caches of B rows, tiled to B*K and gathered at every step.
+    tiled = model.apply(variables, jnp.repeat(encoded, beams, axis=0),
+                        method=EncoderDecoder.source_cache)
+    gathered = decode.beam_search(
+        step_fn(tiled, jnp.repeat(seg, beams, axis=0)),
+        model.apply(variables, batch, 7, method=EncoderDecoder.init_cache), **search)
+    np.testing.assert_array_equal(ancestors.tokens, gathered.tokens)
+    np.testing.assert_array_equal(ancestors.lengths, gathered.lengths)
+    np.testing.assert_allclose(ancestors.scores, gathered.scores, atol=1e-5)
+    assert len({tuple(np.asarray(t)) for t in ancestors.tokens[0]}) == beams  # distinct beams
+
 
 def test_weight_tying_and_sharing_decide_the_parameter_tree():
     _, separate, _, _ = make(False, True)

@@ -25,7 +25,7 @@ from encoder_jax import configs, decode, losses, metrics, pretrained as pretrain
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, sources, tokenizer as tokenizer_lib
 from encoder_jax.data import translation as data_lib
-from encoder_jax.models import EncoderDecoder, Seq2SeqConfig
+from encoder_jax.models import EncoderDecoder, Seq2SeqConfig, reorder_beam_cache
 from encoder_jax.tasks.base import Task, stateless
 
 log = logging.getLogger("encoder_jax")
@@ -158,7 +158,7 @@ def translate_batch(model: EncoderDecoder, params, batch: dict[str, jax.Array], 
                                 method=EncoderDecoder.encode)
     source_cache = model.apply(variables, encoded_BxSxD, method=EncoderDecoder.source_cache)
     rows = batch["source_ids"].shape[0]
-    cache = model.apply(variables, rows, max_len, method=EncoderDecoder.init_cache)
+    cache = model.apply(variables, rows, max_len, beam_size, method=EncoderDecoder.init_cache)
     limits_B = decode.max_lengths((source_seg_BxS > 0).sum(-1), max_len_a, max_len_b, max_len)
 
     def tokens_to_logits(ids_N, cache, index):  # the source's keys/values stay out of the loop state
@@ -170,7 +170,7 @@ def translate_batch(model: EncoderDecoder, params, batch: dict[str, jax.Array], 
                                     eos_id=eos_id, max_len=max_len, max_len_per_row=limits_B)
     return decode.beam_search(tokens_to_logits, cache, batch_size=rows, beam_size=beam_size,
                               bos_id=bos_id, eos_id=eos_id, max_len=max_len, alpha=alpha,
-                              max_len_per_row=limits_B)
+                              max_len_per_row=limits_B, reorder_cache=reorder_beam_cache)
 
 
 def detokenize(tokenizer, tokens_T: np.ndarray, eos_id: int) -> str:
