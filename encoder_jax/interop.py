@@ -24,7 +24,8 @@ From the shell::
 `BertForMaskedLM` layout, plus "classifier" when the checkpoint has one),
 `model.json`, `vocab.txt` + `tokenizer_config.json`, and
 `labels.json` when the checkpoint names its labels. `export` reads a run's
-workdir (its latest checkpoint, or `--step`) and writes a directory that
+workdir (the checkpoint `--mode predict` also uses: averaged, else best, else the
+latest; or `--step`) and writes a directory that
 `transformers` loads with `from_pretrained`.
 
 Tasks initialise from a Hugging Face directory through `config.init_from_hf`,
