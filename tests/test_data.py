@@ -56,6 +56,29 @@ def test_local_files_builder_prepares_once_and_decodes(tmp_path):
     assert len(again) == 2
 
 
+def test_a_process_that_loses_the_preparation_race_uses_the_winners_copy(tmp_path, monkeypatch):
+    train = tmp_path / "train.tsv"
+    train.write_text("first row\nsecond row\n", encoding="utf-8")
+    spec = sources.LocalFilesSpec(splits={"train": [str(train)]}, file_format="tsv",
+                                  columns={"text": "0"})
+    cache = str(tmp_path / "cache")
+    builder_class = sources._local_files_builder_class()
+    prepare = builder_class.download_and_prepare
+    calls = []
+
+    def loses_the_race(self, *args, **kwargs):  # another process finishes first; our rename fails
+        calls.append(1)
+        if len(calls) == 1:
+            prepare(builder_class(spec=spec, data_dir=cache, file_format="array_record"))
+            raise FileExistsError("Destination .../1.0.0 already exists.")
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(builder_class, "download_and_prepare", loses_the_race)
+    split = sources.local_files_sources(spec, cache)["train"]
+    assert sorted(split[i]["text"] for i in range(len(split))) == ["first row", "second row"]
+    assert len(calls) == 1  # ours, which lost; the winner's copy is opened, not prepared again
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "is empty"),
     (b"good line\n\xff\xfe bad bytes\n", "is not UTF-8 at line 2"),

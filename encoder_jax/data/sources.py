@@ -230,13 +230,18 @@ def local_files_sources(spec: LocalFilesSpec, data_dir: str | None = None) -> di
 
     validate_files(spec)
     tfds.disable_progress_bar()
-    builder = _local_files_builder_class()(spec=spec, data_dir=data_dir or default_data_dir(),
-                                           file_format="array_record")
+    def builder():
+        return _local_files_builder_class()(spec=spec, data_dir=data_dir or default_data_dir(),
+                                            file_format="array_record")
+
+    prepared = builder()
     try:
-        builder.download_and_prepare()
-    except (DataError, FileNotFoundError):
-        raise
-    sources = builder.as_data_source()
+        prepared.download_and_prepare()
+    except FileExistsError:
+        # Another process (a second run, another host on a shared disk) prepared the same
+        # fingerprinted files first and won the final rename: its copy is the same data.
+        prepared = builder()
+    sources = prepared.as_data_source()
     # The fingerprint (paths, sizes, mtimes, options) makes the name a cache key for tokenizers.
     return {split: DecodedSource(sources[split], f"{split}:{','.join(spec.splits[split])}"
                                                  f"@{spec.fingerprint()}")
