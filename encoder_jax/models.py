@@ -229,8 +229,16 @@ def cross_mask(target_segment_ids_BxT: jax.Array, source_segment_ids_BxS: jax.Ar
             & (source_segment_ids_BxS > 0)[:, None, None, :])
 
 
+def claim_own_slots(ancestors_BxGxT: jax.Array, index: jax.Array) -> jax.Array:
+    """At position `index` every hypothesis g writes (and reads) its own slot g."""
+    batch, group, _ = ancestors_BxGxT.shape
+    own_BxGx1 = jnp.broadcast_to(jnp.arange(group, dtype=jnp.int32)[None, :, None], (batch, group, 1))
+    return jax.lax.dynamic_update_slice(ancestors_BxGxT, own_BxGx1, (0, 0, index))
+
+
 def history_mask(ancestors_BxGxT: jax.Array, index: jax.Array) -> jax.Array:
-    """(B, 1, G, G*T): slot (h, t) holds position t <= index of hypothesis g's history."""
+    """bool (B, 1, G, G*T): [b, 0, g, h*T + t] is true iff slot h holds position t <= index
+    of hypothesis g's history (ancestors_BxGxT[b, g, t] == h)."""
     batch, group, length = ancestors_BxGxT.shape
     own_BxGxHxT = ancestors_BxGxT[:, :, None, :] == jnp.arange(group)[None, None, :, None]
     seen_BxGxHxT = own_BxGxHxT & (jnp.arange(length) <= index)[None, None, None, :]
@@ -305,7 +313,7 @@ class Decoder(nn.Module):
                 **{f"block_{i}": {"key": keys, "value": values} for i in range(dec.num_layers)}}
 
     def source_cache(self, encoded_BxSxD: jax.Array) -> dict[str, Any]:
-        """Per block: the cross-attention keys/values of the source, (B, N, S, H)."""
+        """Per block: the source's cross-attention keys (B, N, H, S) and values (B, N, S, H)."""
         return {f"block_{i}": block(None, None, encoded_BxSxD, None, cross_cache_only=True)
                 for i, block in enumerate(self.blocks)}
 
@@ -317,10 +325,7 @@ class Decoder(nn.Module):
         N = B*G: the cache's G hypotheses of each of its B rows, hypothesis g of row b at b*G + g.
         """
         rows = ids_N.shape[0]
-        ancestors_BxGxT = jax.lax.dynamic_update_slice(  # a hypothesis writes its own slot
-            cache["ancestors"], jnp.broadcast_to(
-                jnp.arange(cache["ancestors"].shape[1], dtype=jnp.int32)[None, :, None],
-                cache["ancestors"].shape[:2] + (1,)), (0, 0, index))
+        ancestors_BxGxT = claim_own_slots(cache["ancestors"], index)
         y_Nx1xD = self.embed(ids_N[:, None], jnp.full((rows, 1), index), shared, True)
         self_mask = history_mask(ancestors_BxGxT, index)
         source_mask = (source_segment_ids_BxS > 0)[:, None, None, :]

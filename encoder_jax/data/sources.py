@@ -105,10 +105,10 @@ def read_table(path: str, delimiter: str, columns: Mapping[str, str | int],
         else:
             raise DataError(f"data file {path!r} has no column {column!r} (for field {field!r}); "
                             f"columns: {header if header else 'no header, use an integer index'}")
+    width = max(index.values()) + 1
     for line_number, row in enumerate(reader, 2 if has_header else 1):
         if not row:
             continue
-        width = max(index.values()) + 1
         if len(row) < width:
             raise DataError(f"data file {path!r} row {line_number} has {len(row)} columns, "
                             f"needs {width}")
@@ -237,9 +237,7 @@ def local_files_sources(spec: LocalFilesSpec, data_dir: str | None = None) -> di
     prepared = builder()
     try:
         prepared.download_and_prepare()
-    except FileExistsError:
-        # Another process (a second run, another host on a shared disk) prepared the same
-        # fingerprinted files first and won the final rename: its copy is the same data.
+    except FileExistsError:  # another process (run, host) prepared the same files first
         prepared = builder()
     sources = prepared.as_data_source()
     # The fingerprint (paths, sizes, mtimes, options) makes the name a cache key for tokenizers.
