@@ -1,7 +1,8 @@
 """Runs an experiment config: python launch.py --config experiments/bert_mlm.py --workdir runs/mlm
 
 Modes: train (default; resumes from --workdir), plot (redraw a workdir's curves),
-predict (label config.predict.input with the workdir's model), sweep (grid over
+predict (label config.predict.input with the workdir's model), export (the workdir's
+model as a self-contained artifact in <workdir>/export/), sweep (grid over
 config.sweep.grid) and cv (k-fold cross-validation), each run in a sub-workdir.
 Errors in configs or data print one line naming the field or file (set
 ENCODER_JAX_TRACEBACK=1 for the full traceback).
@@ -17,7 +18,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, plots)")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "plot", "predict", "sweep", "cv"], "what to do")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "plot", "predict", "export", "sweep", "cv"],
+                          "what to do")
 flags.mark_flags_as_required(["config", "workdir"])
 
 USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError,
@@ -44,6 +46,11 @@ def main(argv):
                  jax.process_count())
     if _MODE.value == "predict":
         print("predictions:", train.predict(_CONFIG.value, _WORKDIR.value))
+        return
+    if _MODE.value == "export":
+        from encoder_jax import export
+
+        print("artifact:", export.export_run(_CONFIG.value, _WORKDIR.value))
         return
     if _MODE.value in ("sweep", "cv"):
         from encoder_jax import search

@@ -66,6 +66,17 @@ class Checkpointer:
         self.manager.close()
 
 
+def latest_step(workdir: str) -> int | None:
+    """The newest finished checkpoint's step in <workdir>/checkpoints (None: none finished)."""
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{workdir!r} has no {CHECKPOINT_DIR}/ directory: is it a run's workdir?")
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
+    step = manager.latest_step()
+    manager.close()
+    return step
+
+
 def load_params(workdir: str, step: int | None = None) -> Any:
     """The `params` of a run's checkpoint (latest, or `step`) on this process's first device."""
     return load_state(workdir, step)["params"]
@@ -76,15 +87,10 @@ def load_state(workdir: str, step: int | None = None) -> Any:
 
     Works whatever mesh saved it: every array is restored whole onto one device.
     """
-    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{workdir!r} has no {CHECKPOINT_DIR}/ directory: is it a run's workdir?")
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
-    step = manager.latest_step() if step is None else step
-    manager.close()
+    step = latest_step(workdir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir!r} holds no finished checkpoint")
-    path = os.path.join(directory, str(step), "state")
+    path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "state")
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(path)
     tree = getattr(metadata, "item_metadata", None) or metadata

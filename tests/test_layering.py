@@ -36,7 +36,7 @@ MAX_FUNCTION_LINES = 80
 #       |
 #   4   pretrained
 #       |
-#   3   workdir   reporting
+#   3   workdir   reporting   artifact
 #       |
 #   2   data.*  optim  parallel  checkpoint  hf_bert  metrics  decode  losses  encoder_jax (__init__)
 #       |
@@ -52,7 +52,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     1: ("encoder_jax.models",),
     2: ("encoder_jax.data", "encoder_jax.optim", "encoder_jax.parallel", "encoder_jax.checkpoint",
         "encoder_jax.hf_bert", "encoder_jax.metrics", "encoder_jax.decode", "encoder_jax.losses", "encoder_jax"),
-    3: ("encoder_jax.workdir", "encoder_jax.reporting"),
+    3: ("encoder_jax.workdir", "encoder_jax.reporting", "encoder_jax.artifact"),
     4: ("encoder_jax.pretrained",),
     5: ("encoder_jax.interop", "encoder_jax.tasks", "encoder_jax.monitor"),
     6: ("encoder_jax.train",),
