@@ -66,12 +66,18 @@ class Checkpointer:
         self.manager.close()
 
 
-def latest_step(workdir: str) -> int | None:
-    """The newest finished checkpoint's step in <workdir>/checkpoints (None: none finished)."""
+def _reader(workdir: str) -> ocp.CheckpointManager:
+    """A read-only manager of <workdir>/checkpoints that knows both items (no warnings)."""
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir!r} has no {CHECKPOINT_DIR}/ directory: is it a run's workdir?")
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
+    return ocp.CheckpointManager(directory, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest finished checkpoint's step in <workdir>/checkpoints (None: none finished)."""
+    manager = _reader(workdir)
     step = manager.latest_step()
     manager.close()
     return step
@@ -87,14 +93,17 @@ def load_state(workdir: str, step: int | None = None) -> Any:
 
     Works whatever mesh saved it: every array is restored whole onto one device.
     """
-    step = latest_step(workdir) if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{workdir!r} holds no finished checkpoint")
-    path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(path)
-    tree = getattr(metadata, "item_metadata", None) or metadata
-    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), tree)
-    return checkpointer.restore(path, target)
+    manager = _reader(workdir)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir!r} holds no finished checkpoint")
+        metadata = manager.item_metadata(step)["state"]
+        tree = getattr(metadata, "item_metadata", None) or metadata
+        one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), tree)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        return restored["state"]
+    finally:
+        manager.close()
