@@ -221,7 +221,6 @@ class SelfAttention(nn.Module):
         return out_BxLxD if cache is None else (out_BxLxD, cache)
 
 
-
 class FeedForward(nn.Module):
     """Position-wise two-layer MLP: D -> F -> D."""
 
