@@ -2,16 +2,20 @@
 
 Directory layout:
   model.json           the card: format, task, encoder shape, task fields, label names,
-                       text encoding (max_len, pad_lengths, text mode), the source run and
-                       checkpoint, its final dev metrics, library versions, export time
-  function.bin         the inference function serialised by `jax.export` (StableHLO) with a
-                       symbolic batch and a symbolic length (<= the model's max_len)
+                       text encoding (max_len, pad_lengths, text mode), the functions it holds,
+                       the source run and checkpoint, its final dev metrics, versions, export time
+  <function>.bin       each inference function serialised by `jax.export` (StableHLO) with a
+                       symbolic batch and a symbolic length (<= the model's max_len):
+                         classify   (params, ids, segment_ids, type_ids) -> probabilities (B, C)
+                         embed      (params, ids, segment_ids, type_ids) -> {"cls", "mean"} (B, D)
+                         fill_mask  (params, ids, segment_ids, type_ids, positions (B, M))
+                                    -> {"ids", "probs"} (B, M, K), the K most likely tokens
   weights.safetensors  the params, flattened by "/"-joined path
   tokenizer.model | vocab.txt (+ tokenizer_config.json)   the run's tokenizer
 
 `load_artifact` needs jax, numpy, safetensors and the tokenizer libraries only: it imports
 neither the trainer, nor a task, nor any experiment config; the weights are arguments of the
-exported function, not constants baked into it.
+exported functions, not constants baked into them.
 """
 
 from __future__ import annotations
@@ -28,11 +32,22 @@ import numpy as np
 from encoder_jax.data import tokenizer as tokenizer_lib
 from encoder_jax.data.batching import make_pad_lengths
 
-ARTIFACT_FORMAT = 1
+ARTIFACT_FORMAT = 2
 CARD_FILE = "model.json"
-FUNCTION_FILE = "function.bin"
 WEIGHTS_FILE = "weights.safetensors"
-EXPORTED_TASKS = ("classify",)
+MASK_TOKEN = "[MASK]"  # how a fill-mask text marks the tokens to predict
+# The run tasks that export, and the functions each one's artifact holds.
+TASK_FUNCTIONS = {"classify": ("classify", "embed"), "mlm": ("fill_mask", "embed")}
+EXPORTED_TASKS = tuple(TASK_FUNCTIONS)
+POOLINGS = ("cls", "mean")
+
+
+class InputError(ValueError):
+    """A request the artifact cannot answer (the message names the field)."""
+
+
+def function_file(name: str) -> str:
+    return f"{name}.bin"
 
 
 def flatten_params(params: Any) -> dict[str, np.ndarray]:
@@ -55,13 +70,42 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict[str, Any]:
     return tree
 
 
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One encoded input: ids and type ids (T,), fill-mask positions (M,), whether cut to fit."""
+
+    ids: np.ndarray
+    type_ids: np.ndarray
+    positions: np.ndarray | None = None
+    truncated: bool = False
+
+
+def pad_rows(rows: Sequence[Row], num_rows: int, length: int, num_positions: int = 0
+             ) -> tuple[np.ndarray, ...]:
+    """Rows -> (ids, segment_ids, type_ids) int32 (num_rows, length) [+ positions (num_rows, M)].
+
+    Padding rows are all [PAD] (segment 0), so they attend to nothing and change no real row.
+    """
+    ids = np.zeros((num_rows, length), np.int32)
+    types = np.zeros((num_rows, length), np.int32)
+    for r, row in enumerate(rows):
+        ids[r, :len(row.ids)], types[r, :len(row.type_ids)] = row.ids, row.type_ids
+    arrays = (ids, (ids != 0).astype(np.int32), types)
+    if not num_positions:
+        return arrays
+    positions = np.zeros((num_rows, num_positions), np.int32)
+    for r, row in enumerate(rows):
+        positions[r, :len(row.positions)] = row.positions
+    return (*arrays, positions)
+
+
 @dataclasses.dataclass
 class Artifact:
-    """A loaded artifact: `classify(rows)` gives class probabilities."""
+    """A loaded artifact: encode texts to `Row`s, run the exported functions on padded batches."""
 
     directory: str
     card: dict[str, Any]
-    exported: Any  # jax.export.Exported
+    functions: dict[str, Any]  # name -> jitted call of the deserialised function
     params: Any
     tokenizer: Any
 
@@ -74,43 +118,98 @@ class Artifact:
         return list(self.card.get("labels") or [])
 
     @property
+    def max_len(self) -> int:
+        return int(self.card["encoding"]["max_len"])
+
+    @property
     def pad_lengths(self) -> tuple[int, ...]:
         return tuple(self.card["encoding"]["pad_lengths"])
 
-    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """One row's texts -> (ids (T,), type_ids (T,)) as the run's data encoding (truncated)."""
-        from encoder_jax.data.classification import EncodingConfig, encode_texts
+    @property
+    def top_k(self) -> int:
+        """How many candidates fill_mask returns per masked position."""
+        return int(self.card.get("fill_mask_top_k", 0))
+
+    def _encoding(self, num_texts: int, max_len: int):
+        from encoder_jax.data.classification import EncodingConfig
 
         enc = self.card["encoding"]
-        cfg = EncodingConfig(max_len=enc["max_len"], pad_lengths=tuple(enc["pad_lengths"]),
-                             text_mode=enc["text_mode"], num_texts=max(len(texts), 1),
-                             join_separator=enc["join_separator"])
-        return encode_texts(self.tokenizer, texts, cfg)
+        return EncodingConfig(max_len=max_len, pad_lengths=(max_len,), text_mode=enc["text_mode"],
+                              num_texts=max(num_texts, 1), join_separator=enc["join_separator"])
+
+    def encode(self, texts: Sequence[str]) -> Row:
+        """One row's texts, encoded as the run's data was ([CLS] a [SEP] (b [SEP])), cut to max_len."""
+        from encoder_jax.data.classification import encode_texts
+
+        ids, types = encode_texts(self.tokenizer, texts, self._encoding(len(texts), 1 << 30))
+        if len(ids) <= self.max_len:
+            return Row(ids, types)
+        ids, types = encode_texts(self.tokenizer, texts, self._encoding(len(texts), self.max_len))
+        return Row(ids, types, truncated=True)
+
+    def encode_masked(self, text: str) -> Row:
+        """A text with `[MASK]` markers -> [CLS] ... [MASK] ... [SEP] and the masks' positions."""
+        pieces = text.split(MASK_TOKEN)
+        if len(pieces) < 2:
+            raise InputError(f"texts: {text[:60]!r} has no {MASK_TOKEN}")
+        ids = [self.tokenizer.cls_id]
+        for i, piece in enumerate(pieces):
+            if i:
+                ids.append(self.tokenizer.mask_id)
+            ids.extend(self.tokenizer.encode(piece.strip()) if piece.strip() else [])
+        ids.append(self.tokenizer.sep_id)
+        positions = [i for i, t in enumerate(ids) if t == self.tokenizer.mask_id]
+        truncated = len(ids) > self.max_len
+        if truncated:
+            if positions[-1] >= self.max_len - 1:
+                raise InputError(f"texts: a {MASK_TOKEN} of {text[:60]!r} lies beyond "
+                                 f"the model's {self.max_len} tokens")
+            ids = ids[:self.max_len - 1] + [self.tokenizer.sep_id]
+        ids_T = np.asarray(ids, np.int32)
+        return Row(ids_T, np.zeros_like(ids_T), np.asarray(positions, np.int32), truncated)
 
     def padded_length(self, longest: int) -> int:
         """The smallest of the card's padded lengths that holds `longest` tokens."""
         return next(length for length in self.pad_lengths if length >= longest)
 
-    def run(self, ids_BxL: np.ndarray, type_ids_BxL: np.ndarray) -> np.ndarray:
-        """The exported function on one padded batch: float32 (B, C) probabilities."""
-        segment_ids_BxL = (ids_BxL != 0).astype(np.int32)
-        return np.asarray(self.exported.call(self.params, jnp.asarray(ids_BxL),
-                                             jnp.asarray(segment_ids_BxL),
-                                             jnp.asarray(type_ids_BxL)))
+    def run(self, name: str, rows: Sequence[Row], num_rows: int | None = None,
+            length: int | None = None, num_positions: int = 0) -> Any:
+        """Function `name` on rows padded to (num_rows, length): its outputs for all padded rows."""
+        if name not in self.functions:
+            raise InputError(f"this {self.task!r} artifact has no {name!r} function; "
+                             f"it has {sorted(self.functions)}")
+        length = length or self.padded_length(max(len(row.ids) for row in rows))
+        if name == "fill_mask":
+            num_positions = num_positions or max(len(row.positions) for row in rows)
+        arrays = pad_rows(rows, num_rows or len(rows), length, num_positions)
+        return jax.tree.map(np.asarray, self.functions[name](self.params, *map(jnp.asarray, arrays)))
+
+    def _batched(self, name: str, rows: Sequence[Row], batch_size: int) -> Any:
+        outs = [self.run(name, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
     def classify(self, rows: Sequence[Sequence[str]], batch_size: int = 64) -> np.ndarray:
-        """Probabilities (N, C) for N rows of texts, in batches padded to the card's lengths."""
-        encoded = [self.encode(texts) for texts in rows]
+        """Probabilities (N, C) for N rows of texts."""
+        if not rows:
+            return np.zeros((0, len(self.labels)), np.float32)
+        return self._batched("classify", [self.encode(texts) for texts in rows], batch_size)
+
+    def embed(self, texts: Sequence[str], pooling: str = "cls", batch_size: int = 64) -> np.ndarray:
+        """Sentence embeddings (N, D): the last layer's [CLS] state or its mean over real tokens."""
+        if pooling not in POOLINGS:
+            raise InputError(f"pooling={pooling!r}; valid: {list(POOLINGS)}")
+        return self._batched("embed", [self.encode([t]) for t in texts], batch_size)[pooling]
+
+    def fill_mask(self, texts: Sequence[str], top_k: int = 5) -> list[list[list[tuple[str, float]]]]:
+        """For each text, for each [MASK] in it, the top_k (token, probability) pairs."""
+        rows = [self.encode_masked(t) for t in texts]
         out = []
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            length = self.padded_length(max(len(ids) for ids, _ in chunk))
-            ids = np.zeros((len(chunk), length), np.int32)
-            types = np.zeros((len(chunk), length), np.int32)
-            for row, (row_ids, row_types) in enumerate(chunk):
-                ids[row, :len(row_ids)], types[row, :len(row_types)] = row_ids, row_types
-            out.append(self.run(ids, types))
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+        for row in rows:
+            result = self.run("fill_mask", [row])
+            out.append([[(self.tokenizer.id_to_piece(int(i)), float(p))
+                         for i, p in zip(ids[:top_k], probs[:top_k])]
+                        for ids, probs in zip(result["ids"][0], result["probs"][0])])
+        return out
 
 
 def read_card(directory: str) -> dict[str, Any]:
@@ -125,22 +224,29 @@ def read_card(directory: str) -> dict[str, Any]:
     return card
 
 
+def is_artifact(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, CARD_FILE)) and os.path.isfile(
+        os.path.join(directory, WEIGHTS_FILE))
+
+
 def load_artifact(directory: str, word_segmenter: str = "auto") -> Artifact:
     """The artifact in `directory` (weights on the default device)."""
     import safetensors.numpy
     from jax import export
 
     card = read_card(directory)
-    with open(os.path.join(directory, FUNCTION_FILE), "rb") as f:
-        exported = export.deserialize(bytearray(f.read()))
+    functions = {}
+    for name in card["functions"]:
+        with open(os.path.join(directory, function_file(name)), "rb") as f:
+            functions[name] = jax.jit(export.deserialize(bytearray(f.read())).call)
     flat = safetensors.numpy.load_file(os.path.join(directory, WEIGHTS_FILE))
     params = jax.tree.map(jnp.asarray, unflatten_params(flat))
     tokenizer = tokenizer_lib.load_saved(directory, word_segmenter)
-    return Artifact(os.path.abspath(directory), card, exported, params, tokenizer)
+    return Artifact(os.path.abspath(directory), card, functions, params, tokenizer)
 
 
-def encoding_card(max_len: int, pad_lengths: Sequence[int] | None, text_mode: str,
-                  join_separator: str) -> dict[str, Any]:
+def encoding_card(max_len: int, pad_lengths: Sequence[int] | None, text_mode: str = "join",
+                  join_separator: str = " ") -> dict[str, Any]:
     """The card's `encoding` entry (pad lengths completed up to max_len)."""
     return {"max_len": max_len, "pad_lengths": list(make_pad_lengths(pad_lengths, max_len)),
             "text_mode": text_mode, "join_separator": join_separator}

@@ -66,7 +66,7 @@ def reference_probabilities(config, workdir, rows):
 def test_artifact_holds_function_weights_tokenizer_and_card(exported_run):
     _, workdir, directory = exported_run
     assert directory == os.path.join(workdir, export.EXPORT_DIR)
-    for name in (artifact.FUNCTION_FILE, artifact.WEIGHTS_FILE, artifact.CARD_FILE, "tokenizer.model"):
+    for name in (artifact.function_file("classify"), artifact.function_file("embed"), artifact.WEIGHTS_FILE, artifact.CARD_FILE, "tokenizer.model"):
         assert os.path.isfile(os.path.join(directory, name)), name
     card = json.load(open(os.path.join(directory, artifact.CARD_FILE)))
     assert card["task"] == "classify" and len(card["labels"]) == card["fields"]["num_classes"]
@@ -101,5 +101,5 @@ def test_an_unreadable_card_names_the_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="is it an encoder_jax export"):
         artifact.load_artifact(str(tmp_path))
     (tmp_path / artifact.CARD_FILE).write_text(json.dumps({"format": 99, "task": "classify"}))
-    with pytest.raises(ValueError, match="this version reads format 1"):
+    with pytest.raises(ValueError, match="this version reads format 2"):
         artifact.load_artifact(str(tmp_path))
