@@ -76,7 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from encoder_jax.serve_app import build_app  # fastapi only when serving
 
     path, cfg, level = parse_args(argv)
-    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(message)s")
+    handler = logging.StreamHandler()  # our own: absl may already own the root logger's
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    package_log = logging.getLogger("encoder_jax")
+    package_log.addHandler(handler)
+    package_log.setLevel(getattr(logging, level.upper()))
+    package_log.propagate = False
     try:
         loaded = artifact_lib.load_artifact(resolve_artifact(path))
     except (FileNotFoundError, ValueError) as e:

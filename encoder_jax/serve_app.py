@@ -18,6 +18,7 @@ from encoder_jax.serve_engine import ENDPOINTS, Engine, RequestError, ServeConfi
 from encoder_jax.serve_metrics import Metrics
 
 Text = Union[str, list[str]]  # one text, or a record's texts (e.g. [title, body])
+UNION_VARIANTS = ("str", "list[str]")
 
 
 class ClassifyRequest(BaseModel):
@@ -82,7 +83,9 @@ def error(status: int, field: str, message: str) -> JSONResponse:
 def validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
     """The first validation error as (status, field, one line); bad JSON is a 400."""
     first = exc.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # pydantic adds the tried variant of a Union ("str", "list[str]") to the location
+    loc = [str(part) for part in first.get("loc", ())
+           if part != "body" and not (isinstance(part, str) and part in UNION_VARIANTS)]
     field = ".".join(loc) or "body"
     if first.get("type") == "json_invalid":
         return 400, "body", "body: malformed JSON"

@@ -36,9 +36,10 @@ MAX_FUNCTION_LINES = 80
 #       |
 #   4   pretrained
 #       |
-#   3   workdir   reporting   artifact
+#   3   workdir   reporting   artifact   serve_engine   serve_app
 #       |
-#   2   data.*  optim  parallel  checkpoint  hf_bert  metrics  decode  losses  encoder_jax (__init__)
+#   2   data.*  optim  parallel  checkpoint  hf_bert  metrics  decode  losses  batcher
+#       serve_metrics  encoder_jax (__init__)
 #       |
 #   1   models
 #       |
@@ -51,8 +52,10 @@ LAYERS: dict[int, tuple[str, ...]] = {
     0: ("encoder_jax.layers", "encoder_jax.configs"),
     1: ("encoder_jax.models",),
     2: ("encoder_jax.data", "encoder_jax.optim", "encoder_jax.parallel", "encoder_jax.checkpoint",
-        "encoder_jax.hf_bert", "encoder_jax.metrics", "encoder_jax.decode", "encoder_jax.losses", "encoder_jax"),
-    3: ("encoder_jax.workdir", "encoder_jax.reporting", "encoder_jax.artifact"),
+        "encoder_jax.hf_bert", "encoder_jax.metrics", "encoder_jax.decode", "encoder_jax.losses", "encoder_jax.batcher",
+        "encoder_jax.serve_metrics", "encoder_jax"),
+    3: ("encoder_jax.workdir", "encoder_jax.reporting", "encoder_jax.artifact",
+        "encoder_jax.serve_engine", "encoder_jax.serve_app"),
     4: ("encoder_jax.pretrained",),
     5: ("encoder_jax.interop", "encoder_jax.tasks", "encoder_jax.monitor"),
     6: ("encoder_jax.train",),
