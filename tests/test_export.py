@@ -103,3 +103,70 @@ def test_an_unreadable_card_names_the_directory(tmp_path):
     (tmp_path / artifact.CARD_FILE).write_text(json.dumps({"format": 99, "task": "classify"}))
     with pytest.raises(ValueError, match="this version reads format 2"):
         artifact.load_artifact(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def mlm_export(corpus_files, data_cache, tmp_path_factory):
+    from conftest import tiny_config
+
+    workdir = str(tmp_path_factory.mktemp("mlm"))
+    config = tiny_config(corpus_files, data_cache, **{"train.num_steps": 2, "eval.every_steps": 2,
+                                                      "ckpt.every_steps": 2})
+    train.run(config, workdir)
+    return workdir, export.export_run(None, workdir)  # the encoding comes from the run's config.json
+
+
+def test_mlm_artifact_fills_masks_and_embeds_as_the_run_model(mlm_export):
+    from encoder_jax.models import BertEncoder, BertForMaskedLM
+
+    workdir, directory = mlm_export
+    run, loaded = workdir_lib.load_trained(workdir), artifact.load_artifact(directory)
+    assert sorted(loaded.functions) == ["embed", "fill_mask"] and loaded.task == "mlm"
+    text = "the cat [MASK] the red ball [MASK] the morning."
+    row = loaded.encode_masked(text)
+    assert (row.ids[row.positions] == run.tokenizer.mask_id).all() and len(row.positions) == 2
+    logits = BertForMaskedLM(run.record.encoder).apply(
+        {"params": run.params}, row.ids[None], row.positions[None],
+        segment_ids=np.ones_like(row.ids)[None], type_ids=row.type_ids[None])
+    probs = np.asarray(jax.nn.softmax(logits, -1))[0]
+    top = np.argsort(-probs, axis=-1)[:, :5]
+    got = loaded.fill_mask([text], top_k=5)[0]
+    assert [[token for token, _ in mask] for mask in got] == [
+        [run.tokenizer.id_to_piece(int(i)) for i in ids] for ids in top]
+    np.testing.assert_allclose([[p for _, p in mask] for mask in got],
+                               np.take_along_axis(probs, top, -1), atol=1e-6)
+    ids, types = loaded.encode(["a dog sees the tall tree."]).ids, None
+    hidden, _ = BertEncoder(run.record.encoder).apply({"params": run.params["encoder"]}, ids[None])
+    np.testing.assert_allclose(loaded.embed(["a dog sees the tall tree."], "cls")[0],
+                               np.asarray(hidden)[0, 0], atol=1e-5)
+    np.testing.assert_allclose(loaded.embed(["a dog sees the tall tree."], "mean")[0],
+                               np.asarray(hidden)[0].mean(0), atol=1e-5)
+
+
+def test_fill_mask_route_answers_and_refuses_text_without_a_mask(mlm_export):
+    import asyncio
+
+    import httpx
+
+    from encoder_jax.serve_app import build_app
+    from encoder_jax.serve_engine import ServeConfig
+
+    loaded = artifact.load_artifact(mlm_export[1])
+    app = build_app(loaded, ServeConfig(max_batch=2, batch_sizes=(1,), max_queue=8))
+    app.app.state.engine.warm_up()  # the ASGI transport runs no lifespan
+
+    async def ask():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            good = await c.post("/v1/fill-mask", json={"texts": ["the cat [MASK] a ball."], "top_k": 3})
+            bad = await c.post("/v1/fill-mask", json={"texts": ["no marker"]})
+            too_many = await c.post("/v1/fill-mask", json={"texts": ["[MASK] a"], "top_k": 21})
+            return good, bad, too_many
+
+    good, bad, too_many = asyncio.run(ask())
+    app.app.state.engine.batcher.stop()
+    assert good.status_code == 200, good.text
+    expected = loaded.fill_mask(["the cat [MASK] a ball."], top_k=3)[0][0]
+    assert [(c["token"], round(c["score"], 5)) for c in good.json()["results"][0]["masks"][0]] == [
+        (token, round(p, 5)) for token, p in expected]
+    assert (bad.status_code, bad.json()["field"]) == (422, "texts.0")
+    assert (too_many.status_code, too_many.json()["field"]) == (422, "top_k")
