@@ -2,7 +2,8 @@
 
 A Hugging Face BERT directory holds `config.json`, the weights
 (`model.safetensors`, or `pytorch_model.bin`, or a sharded `*.index.json` of
-either) and usually `vocab.txt` (+ `tokenizer_config.json`). Safetensors are
+either) and usually `vocab.txt` (+ `tokenizer_config.json`); an export of a run
+with a sentencepiece tokenizer carries it as `tokenizer.json`. Safetensors are
 read with numpy and need no torch; a `.bin` is read only with
 `torch.load(weights_only=True)`, which loads tensors without executing pickled
 code, and only when torch is installed (`pip install encoder_jax[hf]`).
@@ -43,6 +44,8 @@ from typing import Any
 
 from encoder_jax import checkpoint, hf_bert
 from encoder_jax import workdir as workdir_lib
+from encoder_jax.data import hf_tokenizer
+from encoder_jax.data.tokenizer import SentencePieceTokenizer
 from encoder_jax.data.wordpiece import WordPieceTokenizer
 from encoder_jax.layers import EncoderConfig
 from encoder_jax.pretrained import ImportedBert, import_hf
@@ -64,8 +67,9 @@ def export_hf(params: Params, config: EncoderConfig, out_dir: str, *,
         ({"encoder", "classifier"}).
       config: the encoder config the params belong to.
       out_dir: created if missing.
-      tokenizer: a WordPieceTokenizer writes vocab.txt + tokenizer_config.json;
-        other tokenizers are skipped (Hugging Face BERT expects WordPiece).
+      tokenizer: a WordPieceTokenizer writes vocab.txt + tokenizer_config.json; a
+        SentencePieceTokenizer writes tokenizer.json (a fast tokenizer giving its ids, see
+        `data.hf_tokenizer`) + tokenizer_config.json + the original tokenizer.model.
       head: "mlm" (BertForMaskedLM) or "classifier" (BertForSequenceClassification);
         None: "classifier" if params has one, else "mlm".
       label_names: class names for `id2label` (classifier only).
@@ -84,8 +88,14 @@ def export_hf(params: Params, config: EncoderConfig, out_dir: str, *,
         tokenizer.save(out_dir)
         tokenizer_config = {**tokenizer.hf_config(), "model_max_length": config.max_len}
         workdir_lib.write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config)
+    elif isinstance(tokenizer, SentencePieceTokenizer):
+        tokenizer.save(out_dir)  # the original, for sentencepiece users
+        fast = hf_tokenizer.fast_tokenizer(tokenizer.model_proto)
+        workdir_lib.write_text(os.path.join(out_dir, "tokenizer.json"), fast.to_str(pretty=True))
+        workdir_lib.write_json(os.path.join(out_dir, "tokenizer_config.json"),
+                               hf_tokenizer.tokenizer_config(config.max_len))
     elif tokenizer is not None:
-        log.warning("export: %s is not WordPiece; no tokenizer files written to %s",
+        log.warning("export: %s cannot be written as a Hugging Face tokenizer; none written to %s",
                     type(tokenizer).__name__, out_dir)
     return out_dir
 
@@ -144,12 +154,16 @@ def main(argv: list[str] | None = None) -> int:
                 if getattr(bert, kind):
                     print(f"  {kind}: {', '.join(getattr(bert, kind))}")
         else:
+            source = (args.workdir if args.step is not None
+                      else workdir_lib.checkpoint_source(args.workdir))
             run = workdir_lib.load_trained(args.workdir, args.step, need_tokenizer=False)
             labels = run.labels.names if run.labels else None
             labels = args.labels.split(",") if args.labels else labels
             export_hf(run.params, run.encoder_config, args.out_dir, tokenizer=run.tokenizer,
                       head=args.head, label_names=labels and list(labels))
-            print(f"exported {args.workdir} -> {args.out_dir}")
+            step = args.step if args.step is not None else checkpoint.latest_step(source)
+            print(f"exported {args.workdir} (checkpoint {os.path.relpath(source, args.workdir)}, "
+                  f"step {step}) -> {args.out_dir}")
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -595,3 +595,69 @@ def test_init_from_and_init_from_hf_together_fail_in_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last == ("error: set init_from or init_from_hf, not both (init_from='runs/mlm', "
                     "init_from_hf='bert-dir')")
+
+
+# ----------------------------------------------------------------------------- sentencepiece export
+
+
+def mixed_texts(count: int, seed: int) -> list[str]:
+    """English sentences with Chinese phrases, digits, punctuation and odd spacing."""
+    import random
+
+    from conftest import make_documents
+
+    rng = random.Random(seed)
+    chinese = ["我爱北京", "天安门", "中文新闻", "今天天气很好", "股票大涨", "足球比赛", "人工智能"]
+    out = []
+    for doc in make_documents(count, seed):
+        words = doc.split()
+        for _ in range(rng.randint(1, 3)):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(chinese + ["5,000", "(ok)", "  "]))
+        out.append(" ".join(words))
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_sentencepiece_export_tokenizes_as_ours_through_auto_tokenizer(tmp_path, model_type):
+    from encoder_jax.data.tokenizer import SentencePieceTokenizer
+
+    ours = SentencePieceTokenizer.train(mixed_texts(300, 0), vocab_size=300, model_type=model_type)
+    config = EncoderConfig(vocab_size=ours.vocab_size, hidden_dim=16, num_layers=1, num_heads=2,
+                           mlp_dim=32, max_len=64)
+    params = BertForMaskedLM(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
+                                          jnp.zeros((1, 1), jnp.int32))["params"]
+    interop.export_hf(params, config, str(tmp_path), tokenizer=ours)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    texts = mixed_texts(60, 1) + TEXTS[:3] + ["  spaced   out  ", "ＦＵＬＬ ｗｉｄｔｈ １２３"]
+    for text in texts:
+        assert theirs(text)["input_ids"] == [ours.cls_id, *ours.encode(text.strip()), ours.sep_id], text
+    pair = theirs(texts[0], texts[1])
+    assert pair["token_type_ids"].count(1) == len(ours.encode(texts[1])) + 1
+    assert theirs.mask_token_id == ours.mask_id and theirs.pad_token_id == ours.pad_id
+
+
+def test_classification_run_exports_with_its_tokenizer_and_checkpoint(tmp_path, data_cache, capsys):
+    """A sentencepiece run: HF export and the artifact take the same checkpoint and agree."""
+    from encoder_jax import artifact, export, train
+
+    from test_classify import make_rows, news_config, write_csv
+
+    news = {"train": write_csv(tmp_path / "train.csv", make_rows(120, 0)),
+            "dev": write_csv(tmp_path / "dev.csv", make_rows(45, 1))}
+    config = news_config(news, data_cache, **{"train.num_steps": 4, "eval.every_steps": 2,
+                                              "ckpt.every_steps": 2, "eval.best_metric": "loss"})
+    workdir = str(tmp_path / "run")
+    train.run(config, workdir)
+    loaded = artifact.load_artifact(export.export_run(config, workdir))
+    capsys.readouterr()
+    assert interop.main(["export", workdir, str(tmp_path / "hf")]) == 0
+    said = capsys.readouterr().out
+    assert f"(checkpoint {loaded.card['source']['checkpoint']}, step {loaded.card['source']['step']})" in said
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    rows = [[title, body] for title, body, _ in make_rows(5, 9)]
+    batch = tokenizer([" ".join(r) for r in rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = torch.softmax(model(**batch).logits, -1).numpy()
+    np.testing.assert_allclose(probs, loaded.classify(rows), atol=1e-5)
+    assert [model.config.id2label[i] for i in range(len(loaded.labels))] == loaded.labels

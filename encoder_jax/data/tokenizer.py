@@ -46,6 +46,11 @@ class SentencePieceTokenizer:
             ids[p] for p in SPECIAL_TOKENS)
         self.vocab_size = self._sp.get_piece_size()
 
+    @property
+    def model_proto(self) -> bytes:
+        """The serialised sentencepiece model."""
+        return self._proto
+
     # Pickling for multi-process input pipelines: rebuild from the model bytes.
     def __getstate__(self):
         return {"model_proto": self._proto, "word_segmenter": self.word_segmenter}
