@@ -1,7 +1,8 @@
 """Runs an experiment config: python launch.py --config experiments/bert_mlm.py --workdir runs/mlm
 
 Modes: train (default; resumes from --workdir), plot (redraw a workdir's curves),
-predict (label config.predict.input with the workdir's model), export (the workdir's
+predict (label config.predict.input with the workdir's model, or with an exported
+artifact given as config.predict.artifact), export (the workdir's
 model as a self-contained artifact in <workdir>/export/), sweep (grid over
 config.sweep.grid) and cv (k-fold cross-validation), each run in a sub-workdir.
 Errors in configs or data print one line naming the field or file (set
@@ -45,6 +46,11 @@ def main(argv):
                  jax.device_count(), jax.devices()[0].platform, jax.process_index(),
                  jax.process_count())
     if _MODE.value == "predict":
+        if (_CONFIG.value.get("predict") or {}).get("artifact"):
+            from encoder_jax import export
+
+            print("predictions:", export.predict_with_artifact(_CONFIG.value, _WORKDIR.value))
+            return
         print("predictions:", train.predict(_CONFIG.value, _WORKDIR.value))
         return
     if _MODE.value == "export":

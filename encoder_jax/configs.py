@@ -231,6 +231,7 @@ class PredictConfig:
     has_header: bool | None = None  # None: data.has_header
     batch_size: int = 64
     nbest: int = 1  # translation: hypotheses per sentence in the jsonl output (<= beam size)
+    artifact: str | None = None  # classification: an export (--mode export) to predict with instead
 
 
 @dataclasses.dataclass(frozen=True)

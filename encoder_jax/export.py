@@ -164,3 +164,20 @@ def export_run(config, workdir: str, out_dir: str | None = None) -> str:
     log.info("exported %s (checkpoint %s, step %s) to %s", workdir, contents["source"]["checkpoint"],
              contents["source"]["step"], out_dir)
     return out_dir
+
+
+def predict_with_artifact(config, workdir: str) -> str:
+    """--mode predict through `predict.artifact`: the server's loader, the same jsonl as predict."""
+    from encoder_jax.tasks import classify
+
+    pred_cfg = configs.section(configs.PredictConfig, config.predict, "predict")
+    loaded = artifact.load_artifact(pred_cfg.artifact)
+    if loaded.task != "classify":
+        raise ValueError(f"predict.artifact={pred_cfg.artifact!r} is a {loaded.task!r} export; "
+                         f"--mode predict labels texts with a 'classify' one")
+    log.info("predicting with %s (checkpoint %s, step %s)", loaded.directory,
+             loaded.card["source"]["checkpoint"], loaded.card["source"]["step"])
+    _, rows = classify.predict_rows(config, pred_cfg)
+    output = pred_cfg.output or workdir_lib.path(workdir, workdir_lib.PREDICTIONS_FILE)
+    return classify.write_predictions(loaded.labels, loaded.classify(rows, pred_cfg.batch_size),
+                                      rows, output)

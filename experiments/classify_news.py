@@ -172,6 +172,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.predict.text_fields = config_dict.placeholder(str)  # None: data.text_fields
     c.predict.has_header = config_dict.placeholder(bool)  # None: data.has_header
     c.predict.batch_size = 64
+    c.predict.artifact = config_dict.placeholder(str)  # an export dir (--mode export) to predict with; None: the workdir
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.fsdp = 1

@@ -170,3 +170,25 @@ def test_fill_mask_route_answers_and_refuses_text_without_a_mask(mlm_export):
         (token, round(p, 5)) for token, p in expected]
     assert (bad.status_code, bad.json()["field"]) == (422, "texts.0")
     assert (too_many.status_code, too_many.json()["field"]) == (422, "top_k")
+
+
+def test_predict_through_the_artifact_writes_what_predict_on_the_workdir_writes(exported_run, news,
+                                                                                tmp_path):
+    from conftest import override
+
+    config, workdir, directory = exported_run
+    rows = make_rows(9, 11)
+    path = write_csv(tmp_path / "new.csv", rows)
+    outputs = {}
+    for name, artifact_dir in (("workdir", None), ("artifact", directory)):
+        cfg = override(config.copy_and_resolve_references(), {
+            "predict.input": path, "predict.output": str(tmp_path / f"{name}.jsonl"),
+            "predict.artifact": artifact_dir, "predict.batch_size": 4})
+        out = (export.predict_with_artifact(cfg, workdir) if artifact_dir
+               else train.predict(cfg, workdir))
+        outputs[name] = [json.loads(line) for line in open(out, encoding="utf-8")]
+    assert len(outputs["artifact"]) == len(rows)
+    for a, b in zip(outputs["workdir"], outputs["artifact"]):
+        assert a["label"] == b["label"] and a["index"] == b["index"]
+        np.testing.assert_allclose(list(a["probabilities"].values()),
+                                   list(b["probabilities"].values()), atol=2e-6)

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -377,16 +377,21 @@ def predict(config, run: workdir_lib.TrainedRun) -> str:
         for row, index in enumerate(batch["index"]):
             if batch["weight"][row] > 0:
                 results[int(index)] = probs_BxC[row]
-    names = run.labels.names
+    return write_predictions(run.labels.names, [results[i] for i in range(len(examples))], rows,
+                             output)
+
+
+def write_predictions(names: Sequence[str], probs_NxC, rows: Sequence[Sequence[str]], output: str
+                      ) -> str:
+    """predictions.jsonl: per row its label, label id, probabilities and whether it was empty."""
     lines = []
-    for index in range(len(examples)):
-        best = int(results[index].argmax())
+    for index, probs_C in enumerate(probs_NxC):
+        best = int(np.argmax(probs_C))
         lines.append(json.dumps({"index": index, "label": names[best], "label_id": best,
-                                 "probabilities": {n: round(float(p), 6)
-                                                   for n, p in zip(names, results[index])},
+                                 "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs_C)},
                                  "empty": not any(t.strip() for t in rows[index])},
                                 ensure_ascii=False) + "\n")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     workdir_lib.write_text(output, "".join(lines))
-    log.info("wrote %d predictions to %s", len(examples), output)
+    log.info("wrote %d predictions to %s", len(lines), output)
     return output
