@@ -10,8 +10,11 @@ Directory layout:
                          embed      (params, ids, segment_ids, type_ids) -> {"cls", "mean"} (B, D)
                          fill_mask  (params, ids, segment_ids, type_ids, positions (B, M))
                                     -> {"ids", "probs"} (B, M, K), the K most likely tokens
+                         translate  (params, source_ids, source_segment_ids) -> {"tokens"
+                                    (B, K, T), "scores" (B, K), "lengths" (B, K)}: beam search
   weights.safetensors  the params, flattened by "/"-joined path
   tokenizer.model | vocab.txt (+ tokenizer_config.json)   the run's tokenizer
+  target_tokenizer/    translation with separate vocabularies: the target side's
 
 `load_artifact` needs jax, numpy, safetensors and the tokenizer libraries only: it imports
 neither the trainer, nor a task, nor any experiment config; the weights are arguments of the
@@ -37,7 +40,9 @@ CARD_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 MASK_TOKEN = "[MASK]"  # how a fill-mask text marks the tokens to predict
 # The run tasks that export, and the functions each one's artifact holds.
-TASK_FUNCTIONS = {"classify": ("classify", "embed"), "mlm": ("fill_mask", "embed")}
+TASK_FUNCTIONS = {"classify": ("classify", "embed"), "mlm": ("fill_mask", "embed"),
+                  "translate": ("translate",)}
+TARGET_TOKENIZER_DIR = "target_tokenizer"
 EXPORTED_TASKS = tuple(TASK_FUNCTIONS)
 POOLINGS = ("cls", "mean")
 
@@ -108,6 +113,7 @@ class Artifact:
     functions: dict[str, Any]  # name -> jitted call of the deserialised function
     params: Any
     tokenizer: Any
+    target_tokenizer: Any = None  # translation: the target side's (None: `tokenizer`)
 
     @property
     def task(self) -> str:
@@ -168,6 +174,23 @@ class Artifact:
         ids_T = np.asarray(ids, np.int32)
         return Row(ids_T, np.zeros_like(ids_T), np.asarray(positions, np.int32), truncated)
 
+    def encode_source(self, text: str) -> Row:
+        """A translation source: [ids..., EOS], cut to max_len keeping EOS (as the run's data)."""
+        ids = [*self.tokenizer.encode(text.strip()), self.tokenizer.sep_id]
+        truncated = len(ids) > self.max_len
+        if truncated:
+            ids = ids[:self.max_len - 1] + ids[-1:]
+        ids_T = np.asarray(ids, np.int32)
+        return Row(ids_T, np.zeros_like(ids_T), truncated=truncated)
+
+    def detokenize(self, tokens_T: np.ndarray) -> str:
+        """Generated target ids up to (not including) EOS, as text."""
+        target = self.target_tokenizer or self.tokenizer
+        ids = [int(t) for t in tokens_T]
+        if target.sep_id in ids:
+            ids = ids[:ids.index(target.sep_id)]
+        return target.decode([i for i in ids if i != 0])
+
     def padded_length(self, longest: int) -> int:
         """The smallest of the card's padded lengths that holds `longest` tokens."""
         return next(length for length in self.pad_lengths if length >= longest)
@@ -182,6 +205,8 @@ class Artifact:
         if name == "fill_mask":
             num_positions = num_positions or max(len(row.positions) for row in rows)
         arrays = pad_rows(rows, num_rows or len(rows), length, num_positions)
+        if name == "translate":
+            arrays = arrays[:2]  # source ids and segment ids
         return jax.tree.map(np.asarray, self.functions[name](self.params, *map(jnp.asarray, arrays)))
 
     def _batched(self, name: str, rows: Sequence[Row], batch_size: int) -> Any:
@@ -210,6 +235,14 @@ class Artifact:
                          for i, p in zip(ids[:top_k], probs[:top_k])]
                         for ids, probs in zip(result["ids"][0], result["probs"][0])])
         return out
+
+
+    def translate(self, texts: Sequence[str], nbest: int = 1, batch_size: int = 16
+                  ) -> list[list[tuple[str, float]]]:
+        """For each source text, its `nbest` (translation, score) hypotheses, best first."""
+        out = self._batched("translate", [self.encode_source(t) for t in texts], batch_size)
+        return [[(self.detokenize(out["tokens"][r, k]), float(out["scores"][r, k]))
+                 for k in range(min(nbest, out["tokens"].shape[1]))] for r in range(len(texts))]
 
 
 def read_card(directory: str) -> dict[str, Any]:
@@ -242,7 +275,9 @@ def load_artifact(directory: str, word_segmenter: str = "auto") -> Artifact:
     flat = safetensors.numpy.load_file(os.path.join(directory, WEIGHTS_FILE))
     params = jax.tree.map(jnp.asarray, unflatten_params(flat))
     tokenizer = tokenizer_lib.load_saved(directory, word_segmenter)
-    return Artifact(os.path.abspath(directory), card, functions, params, tokenizer)
+    target_dir = os.path.join(directory, TARGET_TOKENIZER_DIR)
+    target = tokenizer_lib.load_saved(target_dir, word_segmenter) if os.path.isdir(target_dir) else None
+    return Artifact(os.path.abspath(directory), card, functions, params, tokenizer, target)
 
 
 def encoding_card(max_len: int, pad_lengths: Sequence[int] | None, text_mode: str = "join",

@@ -70,24 +70,62 @@ def fill_mask_function(record: workdir_lib.ModelRecord, top_k: int) -> Callable[
     return fill_mask
 
 
-def export_function(function: Callable, params: Any, max_len: int, with_positions: bool = False
-                    ) -> bytes:
-    """`jax.export` of function(params, ids, segment_ids, type_ids[, positions]).
+def translate_function(record: workdir_lib.ModelRecord, settings: dict[str, Any]) -> Callable:
+    """(params, source_ids_BxS, source_segment_ids_BxS) -> {"tokens" (B, K, T), "scores", "lengths"}."""
+    from encoder_jax.tasks import translate
 
-    Batch and length are symbolic (length <= max_len), and so is the number of positions.
+    model = translate.build_model(record)
+
+    def translate_fn(params, source_ids_BxS, source_segment_ids_BxS):
+        out = translate.translate_batch(
+            model, params, {"source_ids": source_ids_BxS, "source_segment_ids": source_segment_ids_BxS},
+            beam_size=settings["beam_size"], alpha=settings["length_penalty"],
+            max_len=settings["max_len"], max_len_a=settings["max_len_a"],
+            max_len_b=settings["max_len_b"], bos_id=settings["bos_id"], eos_id=settings["eos_id"])
+        return {"tokens": out.tokens, "scores": out.scores, "lengths": out.lengths}
+
+    return translate_fn
+
+
+def export_function(function: Callable, params: Any, max_len: int, kind: str = "classify") -> bytes:
+    """`jax.export` of function(params, ids, segment_ids[, type_ids][, positions]).
+
+    Batch and length are symbolic (length <= max_len), and so is the number of positions;
+    translate takes (ids, segment_ids), fill_mask adds positions (B, M).
     """
     from jax import export
 
     batch, length, masks = export.symbolic_shape("b, l, m", constraints=[f"l <= {max_len}"])
     rows = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    extra = (jax.ShapeDtypeStruct((batch, masks), jnp.int32),) if with_positions else ()
+    inputs = {"translate": (rows, rows),
+              "fill_mask": (rows, rows, rows, jax.ShapeDtypeStruct((batch, masks), jnp.int32))}
     param_specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-    return bytes(export.export(jax.jit(function))(param_specs, rows, rows, rows, *extra).serialize())
+    return bytes(export.export(jax.jit(function))(
+        param_specs, *inputs.get(kind, (rows, rows, rows))).serialize())
+
+
+def translate_settings(run: workdir_lib.TrainedRun, trained_config: dict[str, Any]) -> dict[str, Any]:
+    """How the exported beam search decodes: the run's `translate` settings for --mode predict."""
+    tr = configs.section(configs.TranslateConfig, trained_config.get("translate") or {}, "translate")
+    target = target_tokenizer(run) or run.tokenizer
+    return {"beam_size": tr.beam_size, "length_penalty": tr.length_penalty,
+            "max_len_a": tr.max_len_a, "max_len_b": tr.max_len_b,
+            "max_len": int((trained_config.get("data") or {}).get("max_len", 64)),
+            "bos_id": int(target.cls_id), "eos_id": int(target.sep_id)}
+
+
+def target_tokenizer(run: workdir_lib.TrainedRun):
+    """A translation run's separate target tokenizer (None: joint, or not a translation run)."""
+    if run.record.task != "translate" or run.record.fields.get("joint_tokenizer", True):
+        return None
+    return workdir_lib.load_tokenizer(workdir_lib.path(run.workdir, artifact.TARGET_TOKENIZER_DIR))
 
 
 def run_encoding(task: str, trained_config: dict[str, Any]) -> dict[str, Any]:
     """The card's encoding, from the run's config.json data section."""
     data = trained_config.get("data") or {}
+    if task == "translate":  # max_len: tokens per side, source and generated
+        return artifact.encoding_card(int(data.get("max_len", 64)), data.get("pad_lengths"))
     if task == "mlm":  # packed pretraining rows; a served text is one [CLS] text [SEP] row
         seq_len = int(data.get("seq_len", 128))
         return artifact.encoding_card(seq_len, [n for n in (16, 32, 64, 128, 256) if n < seq_len])
@@ -107,6 +145,7 @@ def card(run: workdir_lib.TrainedRun, source: str, functions: tuple[str, ...]) -
         "functions": list(functions),
         "labels": list(run.labels.names) if run.labels else None,
         "fill_mask_top_k": FILL_MASK_TOP_K if "fill_mask" in functions else 0,
+        "translate": translate_settings(run, trained_config) if "translate" in functions else None,
         "encoding": run_encoding(run.record.task, trained_config),
         "source": {"workdir": os.path.abspath(run.workdir),
                    "checkpoint": os.path.relpath(source, run.workdir),
@@ -120,13 +159,13 @@ def card(run: workdir_lib.TrainedRun, source: str, functions: tuple[str, ...]) -
     }
 
 
-def serialized_functions(run: workdir_lib.TrainedRun, names: tuple[str, ...], max_len: int
-                         ) -> dict[str, bytes]:
+def serialized_functions(run: workdir_lib.TrainedRun, contents: dict[str, Any]) -> dict[str, bytes]:
     builders = {"classify": lambda: classify_function(run.record),
                 "embed": lambda: embed_function(run.record),
-                "fill_mask": lambda: fill_mask_function(run.record, FILL_MASK_TOP_K)}
-    return {name: export_function(builders[name](), run.params, max_len, name == "fill_mask")
-            for name in names}
+                "fill_mask": lambda: fill_mask_function(run.record, FILL_MASK_TOP_K),
+                "translate": lambda: translate_function(run.record, contents["translate"])}
+    return {name: export_function(builders[name](), run.params, contents["encoding"]["max_len"], name)
+            for name in contents["functions"]}
 
 
 def export_run(config, workdir: str, out_dir: str | None = None) -> str:
@@ -145,7 +184,7 @@ def export_run(config, workdir: str, out_dir: str | None = None) -> str:
     names = artifact.TASK_FUNCTIONS[run.record.task]
     out_dir = os.path.abspath(out_dir or workdir_lib.path(workdir, EXPORT_DIR))
     contents = card(run, source, names)
-    blobs = serialized_functions(run, names, contents["encoding"]["max_len"])
+    blobs = serialized_functions(run, contents)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(out_dir))
     try:
@@ -155,6 +194,10 @@ def export_run(config, workdir: str, out_dir: str | None = None) -> str:
         safetensors.numpy.save_file(artifact.flatten_params(run.params),
                                     os.path.join(staging, artifact.WEIGHTS_FILE))
         run.tokenizer.save(staging)
+        if target_tokenizer(run) is not None:
+            target_dir = os.path.join(staging, artifact.TARGET_TOKENIZER_DIR)
+            os.makedirs(target_dir)
+            target_tokenizer(run).save(target_dir)
         workdir_lib.write_json(os.path.join(staging, artifact.CARD_FILE), contents)
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)

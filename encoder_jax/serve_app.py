@@ -75,6 +75,27 @@ class FillMaskResponse(BaseModel):
     results: list[FillMaskResult]
 
 
+class TranslateRequest(BaseModel):
+    texts: list[str] = Field(description="source sentences")
+    nbest: int = Field(1, ge=1, description="hypotheses per sentence (at most the beam size)")
+
+
+class Hypothesis(BaseModel):
+    translation: str
+    score: float
+
+
+class Translation(BaseModel):
+    translation: str
+    score: float = Field(description="log-probability / GNMT length penalty (beam), or sum (greedy)")
+    nbest: list[Hypothesis]
+    truncated: bool
+
+
+class TranslateResponse(BaseModel):
+    results: list[Translation]
+
+
 def error(status: int, field: str, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "field": field}, status_code=status,
                         headers={"Retry-After": "1"} if status == 429 else None)
@@ -92,15 +113,28 @@ def validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
     return 422, field, f"{field}: {first.get('msg', 'invalid')}"
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413 before the app reads it."""
+class Guard:
+    """ASGI middleware (plain ASGI: Starlette's BaseHTTPMiddleware costs about as much as the
+    model per request): a body over `limit` bytes gets 413 before the app reads it, and every
+    answer to an inference endpoint is counted and timed."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, metrics: Metrics):
+        self.app, self.limit, self.metrics = app, limit, metrics
+        self.observed = set(ENDPOINTS.values())
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] not in self.observed:
             return await self.app(scope, receive, send)
+        start, path = time.monotonic(), scope["path"]
+
+        async def observed_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.observe_request(path, message["status"], time.monotonic() - start)
+            await send(message)
+
+        return await self.limited(scope, receive, observed_send)
+
+    async def limited(self, scope, receive, send):
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         body, more = b"", True
         if declared is None or int(declared) <= self.limit:
@@ -123,28 +157,27 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
-def _classify_results(engine: Engine, rows, outputs, top_k: int) -> ClassifyResponse:
+def _classify_results(engine: Engine, rows, outputs, top_k: int) -> dict[str, Any]:
     labels = engine.artifact.labels
     results = []
     for row, probs in zip(rows, outputs):
         order = np.argsort(-probs)
-        results.append(Classification(
-            label=labels[order[0]], score=float(probs[order[0]]),
-            top_k=[LabelScore(label=labels[i], score=float(probs[i])) for i in order[:top_k]],
-            probabilities={name: float(p) for name, p in zip(labels, probs)},
-            truncated=row.truncated))
-    return ClassifyResponse(results=results)
+        scores = probs.tolist()
+        results.append({"label": labels[order[0]], "score": scores[order[0]],
+                        "top_k": [{"label": labels[i], "score": scores[i]} for i in order[:top_k]],
+                        "probabilities": dict(zip(labels, scores)), "truncated": row.truncated})
+    return {"results": results}
 
 
-def _fill_mask_results(engine: Engine, rows, outputs, top_k: int) -> FillMaskResponse:
+def _fill_mask_results(engine: Engine, rows, outputs, top_k: int) -> dict[str, Any]:
     piece = engine.artifact.tokenizer.id_to_piece
     results = []
     for row, out in zip(rows, outputs):
-        masks = [[TokenScore(token=piece(int(i)), token_id=int(i), score=float(p))
+        masks = [[{"token": piece(int(i)), "token_id": int(i), "score": float(p)}
                   for i, p in zip(out["ids"][m, :top_k], out["probs"][m, :top_k])]
                  for m in range(len(row.positions))]
-        results.append(FillMaskResult(masks=masks, truncated=row.truncated))
-    return FillMaskResponse(results=results)
+        results.append({"masks": masks, "truncated": row.truncated})
+    return {"results": results}
 
 
 def _register_routes(app: FastAPI, engine: Engine, metrics: Metrics) -> None:
@@ -152,29 +185,49 @@ def _register_routes(app: FastAPI, engine: Engine, metrics: Metrics) -> None:
 
     if "classify" in kinds:
         @app.post(ENDPOINTS["classify"], response_model=ClassifyResponse)
-        async def classify(request: ClassifyRequest) -> ClassifyResponse:
+        async def classify(request: ClassifyRequest) -> JSONResponse:
             rows, outputs = await engine.infer("classify", request.texts)
-            return _classify_results(engine, rows, outputs, request.top_k)
+            return JSONResponse(_classify_results(engine, rows, outputs, request.top_k))
 
     if "embed" in kinds:
         @app.post(ENDPOINTS["embed"], response_model=EmbedResponse)
-        async def embed(request: EmbedRequest) -> EmbedResponse:
+        async def embed(request: EmbedRequest) -> JSONResponse:
             rows, outputs = await engine.infer("embed", request.texts)
             vectors = np.stack([out[request.pooling] for out in outputs])
             if request.normalize:
                 vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
-            return EmbedResponse(embeddings=vectors.tolist(), dim=vectors.shape[-1],
-                                 truncated=[row.truncated for row in rows])
+            return JSONResponse({"embeddings": vectors.tolist(), "dim": vectors.shape[-1],
+                                 "truncated": [row.truncated for row in rows]})
+
+    if "translate" in kinds:
+        beam = engine.artifact.card["translate"]["beam_size"]
+
+        @app.post(ENDPOINTS["translate"], response_model=TranslateResponse)
+        async def translate(request: TranslateRequest) -> JSONResponse:
+            if request.nbest > beam:
+                raise RequestError(422, "nbest", f"nbest: at most the export's beam size {beam}")
+            rows, outputs = await engine.infer("translate", request.texts)
+            return JSONResponse(_translate_results(engine, rows, outputs, request.nbest))
 
     if "fill_mask" in kinds:
         top = engine.artifact.top_k
 
         @app.post(ENDPOINTS["fill_mask"], response_model=FillMaskResponse)
-        async def fill_mask(request: FillMaskRequest) -> FillMaskResponse:
+        async def fill_mask(request: FillMaskRequest) -> JSONResponse:
             if request.top_k > top:
                 raise RequestError(422, "top_k", f"top_k: at most {top} for this export")
             rows, outputs = await engine.infer("fill_mask", request.texts)
-            return _fill_mask_results(engine, rows, outputs, request.top_k)
+            return JSONResponse(_fill_mask_results(engine, rows, outputs, request.top_k))
+
+
+def _translate_results(engine: Engine, rows, outputs, nbest: int) -> dict[str, Any]:
+    results = []
+    for row, out in zip(rows, outputs):
+        empty = not row.ids[:-1].size  # an empty source: an empty translation, as --mode predict
+        hyps = [{"translation": "" if empty else engine.artifact.detokenize(out["tokens"][k]),
+                 "score": float(out["scores"][k])} for k in range(nbest)]
+        results.append({**hyps[0], "nbest": hyps, "truncated": row.truncated})
+    return {"results": results}
 
 
 def build_app(loaded: artifact_lib.Artifact, cfg: ServeConfig) -> Any:
@@ -195,14 +248,6 @@ def build_app(loaded: artifact_lib.Artifact, cfg: ServeConfig) -> Any:
                               f"(checkpoint {loaded.card['source']['checkpoint']}, "
                               f"step {loaded.card['source']['step']})")
     app.state.engine, app.state.metrics = engine, metrics
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        start = time.monotonic()
-        response = await call_next(request)
-        if request.url.path in ENDPOINTS.values():
-            metrics.observe_request(request.url.path, response.status_code, time.monotonic() - start)
-        return response
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
@@ -229,4 +274,4 @@ def build_app(loaded: artifact_lib.Artifact, cfg: ServeConfig) -> Any:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     _register_routes(app, engine, metrics)
-    return BodyLimit(app, cfg.max_body_bytes)
+    return Guard(app, cfg.max_body_bytes, metrics)

@@ -15,7 +15,9 @@ from encoder_jax.batcher import DynamicBatcher, QueueFull
 from encoder_jax.serve_metrics import Metrics
 
 log = logging.getLogger("encoder_jax.serve")
-ENDPOINTS = {"classify": "/v1/classify", "embed": "/v1/embed", "fill_mask": "/v1/fill-mask"}
+CALL_OVERHEAD_TOKENS = 512  # what one more model call costs, in padded tokens (about 1 ms on a CPU)
+ENDPOINTS = {"classify": "/v1/classify", "embed": "/v1/embed", "fill_mask": "/v1/fill-mask",
+             "translate": "/v1/translate"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +27,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch: int = 64  # rows per model call
-    max_wait_ms: float = 5.0  # how long a batch may wait to fill
+    max_wait_ms: float = 0.0  # how long a batch may wait to fill (0: run what is queued when free)
     max_queue: int = 1024  # rows waiting; more -> 429
     batch_sizes: tuple[int, ...] = ()  # padded row counts compiled at start; () -> powers of 2
     lengths: tuple[int, ...] = ()  # padded token lengths compiled at start; () -> the card's
@@ -72,12 +74,44 @@ class Engine:
         longest = max(len(row.ids) for row in rows)
         return num_rows, next(n for n in self.lengths if n >= longest)
 
-    def run_batch(self, kind: str, rows: Sequence[artifact_lib.Row]) -> list[Any]:
+    def padded_cost(self, rows: Sequence[artifact_lib.Row]) -> int:
+        """Tokens a call on `rows` computes, padding included, plus a per-call overhead."""
         num_rows, length = self.shape_for(rows)
-        out = self.artifact.run(kind, rows, num_rows, length,
-                                self.cfg.max_masks if kind == "fill_mask" else 0)
-        return [{k: v[r] for k, v in out.items()} if isinstance(out, dict) else out[r]
-                for r in range(len(rows))]
+        return num_rows * length + CALL_OVERHEAD_TOKENS
+
+    def length_groups(self, rows: Sequence[artifact_lib.Row]) -> list[list[int]]:
+        """Row indices split into calls by padded length, shortest first; a group is merged
+        into the next longer one when one call on both computes less than two calls."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and self.shape_for([rows[groups[-1][-1]]])[1] == self.shape_for([rows[i]])[1]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        merged: list[list[int]] = []
+        for group in groups:
+            if merged:
+                both = merged[-1] + group
+                pick = lambda idx: [rows[j] for j in idx]
+                if self.padded_cost(pick(both)) <= (self.padded_cost(pick(merged[-1]))
+                                                    + self.padded_cost(pick(group))):
+                    merged[-1] = both
+                    continue
+            merged.append(group)
+        return merged
+
+    def run_batch(self, kind: str, rows: Sequence[artifact_lib.Row]) -> list[Any]:
+        """One batch of the batcher: calls per length group, each answer back in its row's place."""
+        results: list[Any] = [None] * len(rows)
+        for group in self.length_groups(rows):
+            picked = [rows[i] for i in group]
+            num_rows, length = self.shape_for(picked)
+            out = self.artifact.run(kind, picked, num_rows, length,
+                                    self.cfg.max_masks if kind == "fill_mask" else 0)
+            for r, i in enumerate(group):
+                results[i] = {k: v[r] for k, v in out.items()} if isinstance(out, dict) else out[r]
+        return results
 
     def warm_up(self) -> None:
         """Compiles every (kind, rows, length) the server can run; then marks it ready."""
@@ -96,20 +130,27 @@ class Engine:
         self.metrics.ready.set(1)
         self.ready.set()
 
-    def encode(self, texts: Sequence[Any], masked: bool = False) -> list[artifact_lib.Row]:
+    def _encode_one(self, kind: str, parts: list[str]) -> artifact_lib.Row:
+        if kind == "fill_mask":
+            return self.artifact.encode_masked(parts[0])
+        if kind == "translate":
+            return self.artifact.encode_source(parts[0])
+        return self.artifact.encode(parts)
+
+    def encode(self, texts: Sequence[Any], kind: str) -> list[artifact_lib.Row]:
         """Request texts -> rows, checking each against the limits (errors name texts.i)."""
         rows = []
         for i, text in enumerate(texts):
             parts = [text] if isinstance(text, str) else list(text)
             if not parts or sum(len(p) for p in parts) > self.cfg.max_chars:
-                raise RequestError(422, f"texts.{i}", f"texts.{i}: needs 1 to {self.cfg.max_chars} "
-                                   f"characters, got {sum(len(p) for p in parts)}")
+                raise RequestError(422, f"texts.{i}", f"texts.{i}: needs one or more fields and at "
+                                   f"most {self.cfg.max_chars} characters (--max_chars), got "
+                                   f"{len(parts)} fields, {sum(len(p) for p in parts)} characters")
             try:
-                row = (self.artifact.encode_masked(parts[0]) if masked
-                       else self.artifact.encode(parts))
+                row = self._encode_one(kind, parts)
             except artifact_lib.InputError as e:
                 raise RequestError(422, f"texts.{i}", str(e).replace("texts:", f"texts.{i}:")) from None
-            if masked and len(row.positions) > self.cfg.max_masks:
+            if kind == "fill_mask" and len(row.positions) > self.cfg.max_masks:
                 raise RequestError(422, f"texts.{i}", f"texts.{i}: {len(row.positions)} "
                                    f"{artifact_lib.MASK_TOKEN}s; this server takes at most "
                                    f"{self.cfg.max_masks} (--max_masks)")
@@ -125,7 +166,7 @@ class Engine:
         if not texts or len(texts) > self.cfg.max_texts:
             raise RequestError(422, "texts", f"texts: needs 1 to {self.cfg.max_texts} items, "
                                f"got {len(texts)}")
-        rows = self.encode(texts, masked=kind == "fill_mask")
+        rows = self.encode(texts, kind)
         try:
             return rows, await self.batcher.run(kind, rows)
         except QueueFull as e:

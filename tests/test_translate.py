@@ -156,3 +156,45 @@ def test_the_demo_learns_dev_bleu_rises_well_above_its_first_evaluation(data_cac
     evals = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     bleu = [r["bleu"] for r in evals if r["split"] == "eval"]
     assert bleu[-1] > bleu[0] + 20, bleu
+
+
+def test_export_translates_as_predict_and_serves_v1_translate(smoke_run, data_cache, tmp_path):
+    """The exported beam search (symbolic batch and source length) gives predict's hypotheses."""
+    import asyncio
+
+    import httpx
+
+    from encoder_jax import artifact, export
+    from encoder_jax.serve_app import build_app
+    from encoder_jax.serve_engine import ServeConfig
+
+    workdir, _ = smoke_run
+    sentences = ["三百四十五", "第三", "二〇二三年五月十七日", ""]
+    source = tmp_path / "in.zh.txt"
+    source.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    config = smoke_config(data_cache, **{"predict.input": str(source), "predict.nbest": 2,
+                                         "predict.output": str(tmp_path / "out.txt")})
+    train.predict(config, workdir)
+    expected = [json.loads(x) for x in open(tmp_path / "out.jsonl", encoding="utf-8")]
+    loaded = artifact.load_artifact(export.export_run(None, workdir, str(tmp_path / "export")))
+    assert loaded.card["translate"]["beam_size"] == config.translate.beam_size
+    got = loaded.translate(sentences, nbest=2, batch_size=3)
+    for hyps, record in zip(got[:3], expected):
+        assert [h for h, _ in hyps] == [n["translation"] for n in record["nbest"]]
+        np.testing.assert_allclose([s for _, s in hyps], [n["score"] for n in record["nbest"]],
+                                   atol=1e-4)
+    app = build_app(loaded, ServeConfig(max_batch=4, batch_sizes=(4,), lengths=(16,), max_queue=8))
+    app.app.state.engine.warm_up()
+
+    async def ask():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return (await c.post("/v1/translate", json={"texts": sentences, "nbest": 2}),
+                    await c.post("/v1/translate", json={"texts": ["三"], "nbest": 99}))
+
+    good, too_many = asyncio.run(ask())
+    app.app.state.engine.batcher.stop()
+    assert good.status_code == 200, good.text
+    served = good.json()["results"]
+    assert [r["translation"] for r in served[:3]] == [r["translation"] for r in expected[:3]]
+    assert served[3]["translation"] == "" and len(served[0]["nbest"]) == 2
+    assert (too_many.status_code, too_many.json()["field"]) == (422, "nbest")
