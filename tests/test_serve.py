@@ -221,3 +221,36 @@ def test_a_missing_path_is_a_one_line_error(tmp_path):
                          env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "nothing" in out.stderr
+
+
+def test_openapi_documents_the_endpoints_and_a_full_queue_answers_429(loaded):
+    """In process (ASGI): /openapi.json lists the routes; requests beyond max_queue get 429."""
+    from encoder_jax.serve_app import build_app
+
+    app = build_app(loaded, ServeConfig(max_batch=2, batch_sizes=(2,), lengths=(32,), max_queue=2))
+    engine = app.app.state.engine
+    engine.warm_up()
+    gate = threading.Event()
+    run = engine.artifact.run
+    engine.artifact.run = lambda *a, **k: (gate.wait(30), run(*a, **k))[1]  # a slow model
+
+    async def ask():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                     timeout=60) as c:
+            spec = (await c.get("/openapi.json")).json()
+            tasks = [asyncio.create_task(c.post("/v1/classify", json={"texts": [f"text {i}"]}))
+                     for i in range(6)]
+            await asyncio.sleep(0.5)
+            gate.set()
+            return spec, await asyncio.gather(*tasks)
+
+    try:
+        spec, responses = asyncio.run(ask())
+    finally:
+        engine.artifact.run = run
+        engine.batcher.stop()
+    assert {"/v1/classify", "/v1/embed", "/health", "/ready", "/metrics"} <= set(spec["paths"])
+    statuses = sorted(r.status_code for r in responses)
+    assert 429 in statuses and 200 in statuses, statuses
+    refused = next(r for r in responses if r.status_code == 429)
+    assert "queue full" in refused.json()["error"] and refused.headers["retry-after"] == "1"
