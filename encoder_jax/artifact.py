@@ -104,6 +104,47 @@ def pad_rows(rows: Sequence[Row], num_rows: int, length: int, num_positions: int
     return (*arrays, positions)
 
 
+def encode_masked(tokenizer, text: str, max_len: int) -> Row:
+    """A text with `[MASK]` markers -> [CLS] ... [MASK] ... [SEP] (<= max_len) and the masks'
+    positions; a text without a marker, or with one beyond max_len, is an `InputError`."""
+    pieces = text.split(MASK_TOKEN)
+    if len(pieces) < 2:
+        raise InputError(f"texts: {text[:60]!r} has no {MASK_TOKEN}")
+    ids = [tokenizer.cls_id]
+    for i, piece in enumerate(pieces):
+        if i:
+            ids.append(tokenizer.mask_id)
+        ids.extend(tokenizer.encode(piece.strip()) if piece.strip() else [])
+    ids.append(tokenizer.sep_id)
+    positions = [i for i, t in enumerate(ids) if t == tokenizer.mask_id]
+    truncated = len(ids) > max_len
+    if truncated:
+        if positions[-1] >= max_len - 1:
+            raise InputError(f"texts: a {MASK_TOKEN} of {text[:60]!r} lies beyond the model's "
+                             f"{max_len} tokens")
+        ids = ids[:max_len - 1] + [tokenizer.sep_id]
+    ids_T = np.asarray(ids, np.int32)
+    return Row(ids_T, np.zeros_like(ids_T), np.asarray(positions, np.int32), truncated)
+
+
+def encode_source(tokenizer, text: str, max_len: int) -> Row:
+    """A translation source: [ids..., EOS], cut to max_len keeping EOS (as the run's data)."""
+    ids = [*tokenizer.encode(text.strip()), tokenizer.sep_id]
+    truncated = len(ids) > max_len
+    if truncated:
+        ids = ids[:max_len - 1] + ids[-1:]
+    ids_T = np.asarray(ids, np.int32)
+    return Row(ids_T, np.zeros_like(ids_T), truncated=truncated)
+
+
+def detokenize(target_tokenizer, tokens_T: np.ndarray) -> str:
+    """Generated target ids up to (not including) EOS, as text ([PAD] dropped)."""
+    ids = [int(t) for t in tokens_T]
+    if target_tokenizer.sep_id in ids:
+        ids = ids[:ids.index(target_tokenizer.sep_id)]
+    return target_tokenizer.decode([i for i in ids if i != 0])
+
+
 @dataclasses.dataclass
 class Artifact:
     """A loaded artifact: encode texts to `Row`s, run the exported functions on padded batches."""
@@ -155,41 +196,15 @@ class Artifact:
 
     def encode_masked(self, text: str) -> Row:
         """A text with `[MASK]` markers -> [CLS] ... [MASK] ... [SEP] and the masks' positions."""
-        pieces = text.split(MASK_TOKEN)
-        if len(pieces) < 2:
-            raise InputError(f"texts: {text[:60]!r} has no {MASK_TOKEN}")
-        ids = [self.tokenizer.cls_id]
-        for i, piece in enumerate(pieces):
-            if i:
-                ids.append(self.tokenizer.mask_id)
-            ids.extend(self.tokenizer.encode(piece.strip()) if piece.strip() else [])
-        ids.append(self.tokenizer.sep_id)
-        positions = [i for i, t in enumerate(ids) if t == self.tokenizer.mask_id]
-        truncated = len(ids) > self.max_len
-        if truncated:
-            if positions[-1] >= self.max_len - 1:
-                raise InputError(f"texts: a {MASK_TOKEN} of {text[:60]!r} lies beyond "
-                                 f"the model's {self.max_len} tokens")
-            ids = ids[:self.max_len - 1] + [self.tokenizer.sep_id]
-        ids_T = np.asarray(ids, np.int32)
-        return Row(ids_T, np.zeros_like(ids_T), np.asarray(positions, np.int32), truncated)
+        return encode_masked(self.tokenizer, text, self.max_len)
 
     def encode_source(self, text: str) -> Row:
         """A translation source: [ids..., EOS], cut to max_len keeping EOS (as the run's data)."""
-        ids = [*self.tokenizer.encode(text.strip()), self.tokenizer.sep_id]
-        truncated = len(ids) > self.max_len
-        if truncated:
-            ids = ids[:self.max_len - 1] + ids[-1:]
-        ids_T = np.asarray(ids, np.int32)
-        return Row(ids_T, np.zeros_like(ids_T), truncated=truncated)
+        return encode_source(self.tokenizer, text, self.max_len)
 
     def detokenize(self, tokens_T: np.ndarray) -> str:
         """Generated target ids up to (not including) EOS, as text."""
-        target = self.target_tokenizer or self.tokenizer
-        ids = [int(t) for t in tokens_T]
-        if target.sep_id in ids:
-            ids = ids[:ids.index(target.sep_id)]
-        return target.decode([i for i in ids if i != 0])
+        return detokenize(self.target_tokenizer or self.tokenizer, tokens_T)
 
     def padded_length(self, longest: int) -> int:
         """The smallest of the card's padded lengths that holds `longest` tokens."""

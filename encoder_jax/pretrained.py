@@ -24,7 +24,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
-from encoder_jax import checkpoint, configs, hf_bert
+from encoder_jax import checkpoint, configs, hf_bert, hub
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data.wordpiece import WordPieceTokenizer
 from encoder_jax.layers import EncoderConfig
@@ -81,7 +81,9 @@ class ImportedBert:
 
 
 def import_hf(directory: str) -> ImportedBert:
-    """Reads a Hugging Face BERT directory into this project's config, params and tokenizer."""
+    """Reads a Hugging Face BERT directory (or hub id, see `hub`) into this project's config,
+    params and tokenizer."""
+    directory = hub.resolve(directory, "import_hf")
     hf_config = hf_bert.read_config(directory)
     config = hf_bert.encoder_config(hf_config, os.path.join(directory, hf_bert.CONFIG_FILE))
     tensors, weights_file = hf_bert.read_tensors(directory)
@@ -103,11 +105,12 @@ def import_hf(directory: str) -> ImportedBert:
 
 
 def from_hf(directory: str, word_segmenter: str = "auto") -> PretrainedEncoder:
-    """A Hugging Face BERT directory: config.json and vocab.txt now, the weights when loaded.
+    """A Hugging Face BERT directory or hub id: config.json and vocab.txt now, the weights when loaded.
 
     Its config carries a pooler (fresh if the checkpoint has none, as Hugging Face
     does when fine-tuning).
     """
+    directory = hub.resolve(directory, "init_from_hf")
     hf_config = hf_bert.read_config(directory)
     config = hf_bert.encoder_config(hf_config, os.path.join(directory, hf_bert.CONFIG_FILE))
     if not os.path.isfile(os.path.join(directory, WordPieceTokenizer.FILENAME)):

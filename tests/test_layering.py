@@ -28,6 +28,8 @@ MAX_FUNCTION_LINES = 80
 #
 #   launch.py                                     (outside the package: imports anything)
 #       |
+#   8   api                                       (the public front door: may use anything)
+#       |
 #   7   search   export   serve
 #       |
 #   6   train
@@ -38,7 +40,7 @@ MAX_FUNCTION_LINES = 80
 #       |
 #   3   workdir   reporting   artifact   serve_engine   serve_app
 #       |
-#   2   data.*  optim  parallel  checkpoint  hf_bert  metrics  decode  losses  batcher
+#   2   data.*  optim  parallel  checkpoint  hf_bert  metrics  decode  losses  batcher  hub
 #       serve_metrics  encoder_jax (__init__)
 #       |
 #   1   models
@@ -52,7 +54,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     0: ("encoder_jax.layers", "encoder_jax.configs"),
     1: ("encoder_jax.models",),
     2: ("encoder_jax.data", "encoder_jax.optim", "encoder_jax.parallel", "encoder_jax.checkpoint",
-        "encoder_jax.hf_bert", "encoder_jax.metrics", "encoder_jax.decode", "encoder_jax.losses", "encoder_jax.batcher",
+        "encoder_jax.hf_bert", "encoder_jax.metrics", "encoder_jax.decode", "encoder_jax.losses", "encoder_jax.batcher", "encoder_jax.hub",
         "encoder_jax.serve_metrics", "encoder_jax"),
     3: ("encoder_jax.workdir", "encoder_jax.reporting", "encoder_jax.artifact",
         "encoder_jax.serve_engine", "encoder_jax.serve_app"),
@@ -60,6 +62,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     5: ("encoder_jax.interop", "encoder_jax.tasks", "encoder_jax.monitor"),
     6: ("encoder_jax.train",),
     7: ("encoder_jax.search", "encoder_jax.export", "encoder_jax.serve"),
+    8: ("encoder_jax.api",),
 }
 TASKS_PACKAGE = "encoder_jax.tasks"
 TASKS_SHARED = ("encoder_jax.tasks.base",)
