@@ -88,7 +88,7 @@ def translate_function(record: workdir_lib.ModelRecord, settings: dict[str, Any]
 
 
 def export_function(function: Callable, params: Any, max_len: int, kind: str = "classify") -> bytes:
-    """`jax.export` of function(params, ids, segment_ids[, type_ids][, positions]).
+    """`jax.export` of `function(params, ids, segment_ids, type_ids)` (see below for the others).
 
     Batch and length are symbolic (length <= max_len), and so is the number of positions;
     translate takes (ids, segment_ids), fill_mask adds positions (B, M).

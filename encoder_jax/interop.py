@@ -58,7 +58,7 @@ Params = dict[str, Any]
 
 
 def export_hf(params: Params, config: EncoderConfig, out_dir: str, *,
-              tokenizer=None, head: str | None = None, label_names: list[str] | None = None
+              tokenizer: Any = None, head: str | None = None, label_names: list[str] | None = None
               ) -> str:
     """Writes a Hugging Face BERT directory (config.json, model.safetensors, tokenizer files).
 

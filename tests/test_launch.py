@@ -88,18 +88,28 @@ def _tiny_corpus(tmp_path, text="a b c d e f g h\n" * 50):
             "--config.tokenizer.vocab_size=30"]
 
 
+@pytest.fixture(scope="module")
+def good_mlm_run(tmp_path_factory, cache_env):
+    directory = tmp_path_factory.mktemp("good")
+    workdir, corpus = directory / "run", _tiny_corpus(directory)
+    ok = launch("--config", f"{MLM}:smoke", "--workdir", str(workdir), *corpus, env=cache_env)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    return workdir, corpus
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.opt.name=adamx", "error: opt.name='adamx'; valid: ['sgd', "),
     ("--config.model.activation=swish", "error: model.activation='swish'; valid: "),
     ("--config.data.seq_len=1024", "error: data.seq_len=1024 exceeds model.max_len=64"),
 ])
-def test_bad_values_fail_in_one_line_and_keep_what_was_written(tmp_path, cache_env, override, message):
-    workdir = tmp_path / "run"
-    ok = launch("--config", f"{MLM}:smoke", "--workdir", str(workdir), *_tiny_corpus(tmp_path),
-                env=cache_env)
-    assert ok.returncode == 0, ok.stderr[-2000:]
+def test_bad_values_fail_in_one_line_and_keep_what_was_written(tmp_path, cache_env, override, message,
+                                                             good_mlm_run):
+    import shutil
+
+    workdir, corpus = tmp_path / "run", good_mlm_run[1]
+    shutil.copytree(good_mlm_run[0], workdir)  # a finished run, copied: each bad rerun gets its own
     before = sorted(os.listdir(workdir / "checkpoints")), (workdir / "metrics.jsonl").read_text()
-    bad = launch("--config", f"{MLM}:smoke", "--workdir", str(workdir), *_tiny_corpus(tmp_path),
+    bad = launch("--config", f"{MLM}:smoke", "--workdir", str(workdir), *corpus,
                  "--config.train.num_steps=4", override, env=cache_env)
     assert bad.returncode == 1
     assert _last_line(bad).startswith(message), bad.stderr[-2000:]
