@@ -6,7 +6,9 @@ artifact given as config.predict.artifact), export (the workdir's
 model as a self-contained artifact in <workdir>/export/), sweep (grid over
 config.sweep.grid) and cv (k-fold cross-validation), each run in a sub-workdir.
 Errors in configs or data print one line naming the field or file (set
-ENCODER_JAX_TRACEBACK=1 for the full traceback).
+ENCODER_JAX_TRACEBACK=1 for the full traceback). SIGTERM or Ctrl-C during training finishes
+the step in flight, saves it, prints "preempted at step N ..." and exits with status 75;
+rerunning the same command continues. A second Ctrl-C stops at once.
 """
 
 import logging
@@ -105,9 +107,14 @@ def check_config_overrides(argv: list[str]) -> None:
 
 
 def run_main():
+    from encoder_jax.preemption import EXIT_CODE, Preempted
+
     try:
         check_config_overrides(sys.argv[1:])
         app.run(main)
+    except Preempted as e:  # SIGTERM / Ctrl-C: the step in flight finished and was checkpointed
+        print(str(e), file=sys.stderr)
+        sys.exit(EXIT_CODE)
     except USER_ERRORS as e:
         if os.environ.get("ENCODER_JAX_TRACEBACK"):
             raise

@@ -26,6 +26,7 @@ import numpy as np
 
 from encoder_jax import checkpoint, configs, hf_bert, hub
 from encoder_jax import workdir as workdir_lib
+from encoder_jax.data.tokenizer import SentencePieceTokenizer
 from encoder_jax.data.wordpiece import WordPieceTokenizer
 from encoder_jax.layers import EncoderConfig
 
@@ -60,7 +61,7 @@ class ImportedBert:
         MLM head, "transform", "transform_norm", "output_bias"}.
       classifier: {"kernel" (D, C), "bias" (C,)} of a sequence classifier, or None.
       label_names: class names from `id2label` (classifier checkpoints), or None.
-      tokenizer: from `vocab.txt`, or None when the directory has none.
+      tokenizer: from `vocab.txt` (or a `tokenizer.model` this project exported), or None.
       missing: Hugging Face tensor names this project's models have but the checkpoint lacks.
       unused: checkpoint tensor names not imported (e.g. the next-sentence head).
       weights_file: the file the weights came from.
@@ -70,7 +71,7 @@ class ImportedBert:
     params: Params
     classifier: Params | None
     label_names: list[str] | None
-    tokenizer: WordPieceTokenizer | None
+    tokenizer: Any  # WordPieceTokenizer | SentencePieceTokenizer | None
     missing: list[str]
     unused: list[str]
     weights_file: str
@@ -78,6 +79,17 @@ class ImportedBert:
     @property
     def has_mlm_head(self) -> bool:
         return "transform" in self.params
+
+
+def hf_tokenizer(directory: str, word_segmenter: str = "auto"):
+    """A Hugging Face directory's tokenizer: vocab.txt (WordPiece), else the tokenizer.model this
+    project exports beside tokenizer.json (sentencepiece); None when it has neither."""
+    if os.path.isfile(os.path.join(directory, WordPieceTokenizer.FILENAME)):
+        return WordPieceTokenizer.load(directory, word_segmenter)
+    if os.path.isfile(os.path.join(directory, SentencePieceTokenizer.FILENAME)):
+        return SentencePieceTokenizer.load(os.path.join(directory, SentencePieceTokenizer.FILENAME),
+                                           word_segmenter)
+    return None
 
 
 def import_hf(directory: str) -> ImportedBert:
@@ -88,12 +100,10 @@ def import_hf(directory: str) -> ImportedBert:
     config = hf_bert.encoder_config(hf_config, os.path.join(directory, hf_bert.CONFIG_FILE))
     tensors, weights_file = hf_bert.read_tensors(directory)
     converted = hf_bert.from_hf(tensors, config, weights_file)
-    tokenizer = None
-    if os.path.isfile(os.path.join(directory, WordPieceTokenizer.FILENAME)):
-        tokenizer = WordPieceTokenizer.load(directory)
-        if tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(f"{directory}: vocab.txt has {tokenizer.vocab_size} tokens but "
-                             f"config.json vocab_size={config.vocab_size}")
+    tokenizer = hf_tokenizer(directory)
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{directory}: its tokenizer has {tokenizer.vocab_size} tokens but "
+                         f"config.json vocab_size={config.vocab_size}")
     label_names = hf_bert.label_names(hf_config, converted.classifier)
     config = dataclasses.replace(config, use_pooler="pooler" in converted.params["encoder"])
     return ImportedBert(config=config, params=converted.params, classifier=converted.classifier,
@@ -113,10 +123,10 @@ def from_hf(directory: str, word_segmenter: str = "auto") -> PretrainedEncoder:
     directory = hub.resolve(directory, "init_from_hf")
     hf_config = hf_bert.read_config(directory)
     config = hf_bert.encoder_config(hf_config, os.path.join(directory, hf_bert.CONFIG_FILE))
-    if not os.path.isfile(os.path.join(directory, WordPieceTokenizer.FILENAME)):
-        raise FileNotFoundError(f"{directory}: no vocab.txt; initialising from a Hugging Face "
-                                f"BERT needs its WordPiece vocabulary")
-    tokenizer = WordPieceTokenizer.load(directory, word_segmenter)
+    tokenizer = hf_tokenizer(directory, word_segmenter)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{directory}: no vocab.txt (or tokenizer.model); initialising "
+                                f"from a Hugging Face BERT needs its vocabulary")
     return PretrainedEncoder(dataclasses.replace(config, use_pooler=True),
                              lambda: import_hf(directory).params, tokenizer,
                              f"init_from_hf={directory!r}")

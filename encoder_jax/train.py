@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from encoder_jax import checkpoint as checkpoint_lib
-from encoder_jax import configs, optim, parallel, reporting, tasks
+from encoder_jax import configs, optim, parallel, preemption, reporting, tasks
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.tasks.base import Task
 from encoder_jax.monitor import (BestKeeper, StepLogger, compiled_flops, measure_peak_flops,
@@ -268,6 +268,23 @@ def average_checkpoints(task: Task, s: Setup, state, eval_step, writer, workdir:
     return summary
 
 
+def save_unless_saved(s: "Setup", state: dict[str, Any]) -> int:
+    """Checkpoints the state's step unless that step is already saved; returns the step."""
+    step = int(state["step"])
+    s.checkpointer.wait()
+    if s.checkpointer.latest_step() != step:
+        log.warning("saving step %d", step)
+        s.checkpointer.save(step, state, s.train_iter, force=True)
+        s.checkpointer.wait()
+    return step
+
+
+def stop_on_signal(logger, s: "Setup", state: dict[str, Any], signal_name: str) -> None:
+    """A stop request between steps: flush the metrics, checkpoint, raise `Preempted`."""
+    logger.flush()
+    raise preemption.Preempted(save_unless_saved(s, state), signal_name)
+
+
 def run(config, workdir: str) -> dict[str, Any]:
     """Trains `config.task` in `workdir`, resuming if it holds a checkpoint; returns final eval."""
     trainer = TrainerConfig.from_config(config)
@@ -303,12 +320,15 @@ def run(config, workdir: str) -> dict[str, Any]:
         logger.restart_clock()  # keep eval time out of throughput
         return summary
 
+    signals = preemption.StopSignals().__enter__()
     try:
         stop_after = trainer.train.max_steps_per_run
         last = num_steps if not stop_after else min(num_steps, start + stop_after)
         for step in range(start, last):
             if keeper.stopped:
                 break
+            if preemption.agreed(signals.requested):
+                stop_on_signal(logger, s, state, signals.signal_name or "a signal on another host")
             host_batch = next(s.train_iter)
             batch = parallel.put_batch(host_batch, s.batch_sharding)
             state, metrics = s.compiled_for(batch)(state, batch, s.train_key)
@@ -330,10 +350,11 @@ def run(config, workdir: str) -> dict[str, Any]:
         if finished and trainer.ckpt.average_last > 1:
             average_checkpoints(task, s, state, eval_step, writer, workdir, trainer.ckpt.average_last)
     except KeyboardInterrupt:
-        log.warning("interrupted: saving step %d", int(state["step"]))
-        s.checkpointer.save(int(state["step"]), state, s.train_iter, force=True)
+        logger.flush()
+        save_unless_saved(s, state)
         raise
     finally:
+        signals.__exit__(None, None, None)
         for closeable in (s.checkpointer, keeper, writer, progress):
             closeable.close()
     if is_lead:

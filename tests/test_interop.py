@@ -528,6 +528,7 @@ def test_classification_init_from_hf_is_the_imported_encoder_exactly(tmp_path):
     assert max_leaf_diff(params["classifier"], fresh["classifier"]) == 0.0, "the head stays fresh"
 
 
+@pytest.mark.slow  # ~50 s; its parts run in CI: HF init (test_classification_from_an_mlm_run_continued_from_hf, the seam test), launch.py (test_launch), predict (test_classify)
 def test_classification_fine_tunes_from_hf_through_launch_and_predicts(tmp_path):
     hf_dir, workdir, cache = tmp_path / "hf", tmp_path / "run", tmp_path / "cache"
     make_topics_hf_dir(hf_dir)

@@ -140,3 +140,38 @@ def test_unwritable_workdir(tmp_path):
     result = launch("--config", f"{MLM}:smoke", "--workdir", str(blocker / "run"))
     assert result.returncode == 1
     assert _last_line(result).startswith(f"error: --workdir '{blocker}/run' is not writable")
+
+
+def test_sigterm_checkpoints_the_step_in_flight_and_a_rerun_continues(tmp_path, cache_env):
+    import json
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    args = ["--config", f"{MLM}:smoke", "--workdir", str(workdir), *_tiny_corpus(tmp_path),
+            "--config.eval.every_steps=100000", "--config.ckpt.every_steps=100000"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *args,
+                             "--config.train.num_steps=100000"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **cache_env})
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("preempted at step ") and "SIGTERM" in last, last
+    step = int(last.split()[3])
+    assert step >= 3 and (workdir / "checkpoints" / str(step)).is_dir()
+    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert logged == list(range(1, step + 1)), "every step up to the checkpoint flushed, once"
+    again = launch(*args, f"--config.train.num_steps={step + 2}", env=cache_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"at step {step}" in again.stderr
+    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()
+              if json.loads(x)["split"] == "train"]
+    assert logged == list(range(1, step + 3))

@@ -9,7 +9,7 @@ from encoder_jax.tasks.mlm import argmax_equals, mlm_loss_and_metrics
 
 def _hard_logits(rng: np.random.Generator, trial: int) -> np.ndarray:
     """Random logits with the cases that decide argmax's tie and NaN rules."""
-    vocab = int(rng.integers(1, 40))
+    vocab = int(rng.choice([1, 2, 5, 17, 39]))  # a few shapes: each one compiles
     x = rng.standard_normal((3, 4, vocab)).astype(np.float32)
     if trial % 3 == 0:
         x = np.round(x)  # many ties for the maximum

@@ -77,10 +77,15 @@ def test_cached_incremental_decoding_equals_the_full_forward_pass(share, tie, pr
 
 
 def _decode_steps(model, variables, cache, source_cache, seg, tokens_NxT, start=0):
-    """Feeds tokens_NxT[:, i] at positions start + i; returns (last logits, cache)."""
+    """Feeds tokens_NxT[:, i] at positions start + i; returns (last logits, cache).
+
+    The step is jitted (the index is traced), so each cache shape compiles once instead of
+    every layer's ops dispatching one by one."""
+    step = jax.jit(lambda v, ids, c, index, sc, sg: model.apply(
+        v, ids, c, index, sc, sg, method=EncoderDecoder.decode_step))
     for i in range(tokens_NxT.shape[1]):
-        logits, cache = model.apply(variables, tokens_NxT[:, i], cache, jnp.asarray(start + i),
-                                    source_cache, seg, method=EncoderDecoder.decode_step)
+        logits, cache = step(variables, tokens_NxT[:, i], cache, jnp.asarray(start + i),
+                             source_cache, seg)
     return logits, cache
 
 
