@@ -1,13 +1,17 @@
 """Orbax checkpoints of the train state and the grain data-iterator position.
 
 Precedence when a run starts: resume from `<workdir>/checkpoints` if it holds a
-step > else initialise from `config.init_from` (another run's params) > else fresh.
+step (the newest that restores; damaged ones are set aside) > else initialise from
+`config.init_from` (another run's params) > else fresh.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
@@ -15,6 +19,8 @@ import jax
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "checkpoints_corrupt"  # checkpoints that failed to restore, set aside
+log = logging.getLogger("encoder_jax")
 
 
 class _IteratorSnapshot:
@@ -50,13 +56,44 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state: Any, data_iterator=None, step: int | None = None) -> Any:
-        """Restores the state (with the shardings of `abstract_state`) and the iterator in place."""
-        step = self.latest_step() if step is None else step
+        """Restores the state (with the shardings of `abstract_state`) and the iterator in place.
+
+        Without `step`, tries the checkpoints newest first: one that fails to restore (truncated
+        or missing files, bad metadata) is named in a warning, moved to
+        `<workdir>/checkpoints_corrupt/<step>-<time>` (kept, not deleted) and the previous one is
+        tried; if none restores, a one-line error names them.
+        """
+        if step is not None:
+            return self._restore_step(step, abstract_state, data_iterator)
+        set_aside = []
+        for candidate in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self._restore_step(candidate, abstract_state, data_iterator)
+            except Exception as e:  # whatever a damaged checkpoint raises: fall back to an older one
+                moved = self._set_aside(candidate)
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                log.warning("checkpoint step %d in %s does not restore (%s); moved to %s, trying "
+                            "the previous one", candidate, self.directory, reason, moved)
+                set_aside.append(f"step {candidate} -> {moved}")
+        raise ValueError(f"no checkpoint in {self.directory} restores (set aside: "
+                         f"{'; '.join(set_aside)}); remove the checkpoints/ directory to start over")
+
+    def _restore_step(self, step: int, abstract_state: Any, data_iterator) -> Any:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def _set_aside(self, step: int) -> str:
+        """Moves a step's directory to <workdir>/checkpoints_corrupt/ (the lead process only)."""
+        target = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR,
+                              f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        source = os.path.join(self.directory, str(step))
+        if jax.process_index() == 0 and os.path.isdir(source):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(source, target)
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

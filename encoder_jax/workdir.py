@@ -7,6 +7,7 @@ A run's --workdir holds::
   labels.json             class names and how raw labels map to them (classification)
   tokenizer.model | vocab.txt (+ tokenizer_config.json)   the run's tokenizer
   checkpoints/<step>/     Orbax {state, data} (see `checkpoint`)
+  checkpoints_corrupt/    checkpoints that failed to restore on resume, moved aside (not deleted)
   best/checkpoints/<step>/  params of the best evaluation; best.json its record
   averaged/checkpoints/<step>/  the last checkpoints' mean params (ckpt.average_last); averaged.json
   metrics.jsonl, tensorboard/, curves_*.png, final_eval.json

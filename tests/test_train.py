@@ -141,3 +141,39 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_good_checkpoints(corpus_
     for step in checkpoint.Checkpointer(str(tmp_path)).manager.all_steps():
         params = jax.tree_util.tree_leaves(checkpoint.load_params(str(tmp_path), step))
         assert all(np.isfinite(p).all() for p in params), f"checkpoint {step} holds non-finite values"
+
+
+def _damage(step_dir):
+    """What a full disk or a dying node leaves: every file of the step truncated."""
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(max(os.path.getsize(f.name) // 3, 1))
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumes_exactly(
+        corpus_files, data_cache, tmp_path, caplog):
+    overrides = {"train.num_steps": 6, "ckpt.every_steps": 2, "eval.every_steps": 100}
+    straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")
+    train.run(tiny_config(corpus_files, data_cache, **overrides), straight)
+    train.run(tiny_config(corpus_files, data_cache, **{**overrides, "train.num_steps": 4}), damaged)
+    _damage(os.path.join(damaged, "checkpoints", "4"))
+    with caplog.at_level("WARNING", logger="encoder_jax"):
+        train.run(tiny_config(corpus_files, data_cache, **overrides), damaged)
+    assert any("checkpoint step 4" in r.getMessage() and "does not restore" in r.getMessage()
+               for r in caplog.records)
+    aside = os.listdir(os.path.join(damaged, checkpoint.CORRUPT_DIR))
+    assert len(aside) == 1 and aside[0].startswith("4-")  # kept for inspection, not deleted
+    for a, b in zip(_params(straight), _params(damaged)):  # resumed from step 2: same end point
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_when_no_checkpoint_restores_the_error_names_them(corpus_files, data_cache, tmp_path):
+    overrides = {"train.num_steps": 4, "ckpt.every_steps": 2, "eval.every_steps": 100}
+    workdir = str(tmp_path / "run")
+    train.run(tiny_config(corpus_files, data_cache, **overrides), workdir)
+    for step in ("2", "4"):
+        _damage(os.path.join(workdir, "checkpoints", step))
+    with pytest.raises(ValueError, match=r"no checkpoint in .* restores \(set aside: step 4 -> .*"
+                                         r"step 2 -> "):
+        train.run(tiny_config(corpus_files, data_cache, **{**overrides, "train.num_steps": 6}), workdir)
