@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -13,6 +14,8 @@ import time
 from typing import Any
 
 from encoder_jax.workdir import METRICS_FILE
+
+log = logging.getLogger("encoder_jax")
 
 
 class MetricWriter:
@@ -37,9 +40,36 @@ class MetricWriter:
             for k, v in clean.items():
                 self._tb.add_scalar(f"{split}/{k}", v, step)
 
+    def drop_after(self, step: int) -> int:
+        """Removes records past `step` (what a crash between checkpoints leaves before the resume
+        replays those steps) and a torn last line; returns how many were dropped."""
+        if not self.enabled or not os.path.isfile(self.path):
+            return 0
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+        if len(kept) == len(lines):
+            return 0
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        log.warning("%s: dropped %d records past the restored step %d (logged after its "
+                    "checkpoint; the resumed run logs those steps again)", self.path,
+                    len(lines) - len(kept), step)
+        return len(lines) - len(kept)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _record_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a torn or foreign line."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def write_text_summary(workdir: str, tag: str, text: str, step: int) -> None:

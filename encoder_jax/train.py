@@ -305,6 +305,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     eval_step = jax.jit(make_eval_step(task), in_shardings=(
         s.shardings["params"], s.shardings.get("model_state"), s.batch_sharding, None, None))
     writer = reporting.MetricWriter(workdir, enabled=is_lead)
+    writer.drop_after(start)  # records a crash left past the restored checkpoint
     progress = reporting.Progress(num_steps, start, enabled=is_lead)
     logger = StepLogger(task, trainer.train, writer, progress, flops, s.checkpointer)
     final_eval: dict[str, float] = {}

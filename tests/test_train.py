@@ -177,3 +177,19 @@ def test_when_no_checkpoint_restores_the_error_names_them(corpus_files, data_cac
     with pytest.raises(ValueError, match=r"no checkpoint in .* restores \(set aside: step 4 -> .*"
                                          r"step 2 -> "):
         train.run(tiny_config(corpus_files, data_cache, **{**overrides, "train.num_steps": 6}), workdir)
+
+
+def test_a_crash_between_checkpoints_leaves_every_step_logged_once(corpus_files, data_cache, tmp_path):
+    """Steps 3-4 logged but their checkpoint lost (as a crash after logging leaves it), and a
+    torn last line: the resumed run drops them and logs 3-6 once."""
+    import shutil
+
+    overrides = {"train.num_steps": 4, "ckpt.every_steps": 2, "eval.every_steps": 100}
+    workdir = str(tmp_path / "run")
+    train.run(tiny_config(corpus_files, data_cache, **overrides), workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "split": "tr')  # killed mid-write
+    train.run(tiny_config(corpus_files, data_cache, **{**overrides, "train.num_steps": 6}), workdir)
+    train_steps = [r["step"] for r in _metrics(workdir) if r["split"] == "train"]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
