@@ -5,8 +5,9 @@ predict (label config.predict.input with the workdir's model, or with an exporte
 artifact given as config.predict.artifact), export (the workdir's
 model as a self-contained artifact in <workdir>/export/), sweep (grid over
 config.sweep.grid) and cv (k-fold cross-validation), each run in a sub-workdir.
-Errors in configs or data print one line naming the field or file (set
-ENCODER_JAX_TRACEBACK=1 for the full traceback). SIGTERM or Ctrl-C during training finishes
+Errors in configs, files or data (`encoder_jax.errors.Error`) and a full disk print one
+line naming the field or file (set ENCODER_JAX_TRACEBACK=1 for the full traceback); any
+other exception is a bug and keeps its traceback. SIGTERM or Ctrl-C during training finishes
 the step in flight, saves it, prints "preempted at step N ..." and exits with status 75;
 rerunning the same command continues. A second Ctrl-C stops at once.
 """
@@ -25,8 +26,7 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "plot", "predict", "export"
                           "what to do")
 flags.mark_flags_as_required(["config", "workdir"])
 
-USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError,
-               FloatingPointError, NotADirectoryError)
+DISK_FULL = (28, 122)  # ENOSPC, EDQUOT
 
 
 def main(argv):
@@ -76,6 +76,8 @@ def check_config_overrides(argv: list[str]) -> None:
     """Fails early, in one line, on a bad variant or an unknown `--config.a.b` key."""
     import importlib.util
 
+    from encoder_jax import errors
+
     spec_arg = None
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
@@ -86,7 +88,7 @@ def check_config_overrides(argv: list[str]) -> None:
         return
     path, _, variant = spec_arg.partition(":")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config file {path!r} does not exist")
+        raise errors.MissingFileError(f"--config file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location("experiment_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -100,10 +102,23 @@ def check_config_overrides(argv: list[str]) -> None:
             if not hasattr(node, "keys") or part not in node:
                 parent = ".".join(walked) or "config"
                 valid = sorted(node.keys()) if hasattr(node, "keys") else []
-                raise KeyError(f"unknown config key {key!r}: {parent!r} has no {part!r}; "
+                raise errors.ConfigKeyError(f"unknown config key {key!r}: {parent!r} has no {part!r}; "
                                f"valid: {valid}")
             node = node[part]
             walked.append(part)
+
+
+def error_line(error: BaseException) -> str | None:
+    """The one line to print for an error the user can fix; None for anything else (a bug)."""
+    from encoder_jax import errors
+
+    if isinstance(error, errors.Error):
+        return errors.one_line(error)
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        where = f" writing {error.filename}" if error.filename else ""
+        return (f"no space left on the device{where} ({error.strerror}); checkpoints already "
+                f"written are intact: free space and rerun the same command to continue")
+    return None
 
 
 def run_main():
@@ -115,11 +130,11 @@ def run_main():
     except Preempted as e:  # SIGTERM / Ctrl-C: the step in flight finished and was checkpointed
         print(str(e), file=sys.stderr)
         sys.exit(EXIT_CODE)
-    except USER_ERRORS as e:
-        if os.environ.get("ENCODER_JAX_TRACEBACK"):
+    except Exception as e:  # noqa: BLE001 -- only the project's own errors become one line
+        line = error_line(e)
+        if line is None or os.environ.get("ENCODER_JAX_TRACEBACK"):
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(1)
 
 

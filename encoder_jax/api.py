@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from encoder_jax import errors
 from encoder_jax import artifact as artifact_lib
 from encoder_jax import hub, pretrained
 from encoder_jax import workdir as workdir_lib
@@ -163,7 +164,7 @@ def embed(model, params, tokenizer, texts: Sequence[str], pooling: str = "cls",
     """Sentence embeddings float32 (N, D) from any model's encoder: the last layer's [CLS]
     state ("cls") or its mean over real tokens ("mean")."""
     if pooling not in ("cls", "mean"):
-        raise ValueError(f"pooling={pooling!r}; valid: ['cls', 'mean']")
+        raise errors.ConfigError(f"pooling={pooling!r}; valid: ['cls', 'mean']")
     config = _encoder_config(model)
     encoder = BertEncoder(config)
     encoder_params = params if isinstance(model, BertEncoder) else params["encoder"]
@@ -226,7 +227,7 @@ def load_config(spec: str, **overrides: Any):
     (as `--config.a.b=value` on the command line)."""
     path, _, variant = spec.partition(":")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
+        raise errors.MissingFileError(f"config file {path!r} does not exist")
     module_spec = importlib.util.spec_from_file_location(
         f"encoder_jax_experiment_{os.path.splitext(os.path.basename(path))[0]}", path)
     module = importlib.util.module_from_spec(module_spec)
@@ -238,6 +239,6 @@ def load_config(spec: str, **overrides: Any):
         for part in parents:
             node = node[part]
         if leaf not in node:
-            raise KeyError(f"unknown config key {key!r}")
+            raise errors.ConfigKeyError(f"unknown config key {key!r}")
         node[leaf] = value
     return config

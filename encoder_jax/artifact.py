@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from encoder_jax import errors
 from encoder_jax.data import tokenizer as tokenizer_lib
 from encoder_jax.data.batching import make_pad_lengths
 
@@ -47,7 +48,7 @@ EXPORTED_TASKS = tuple(TASK_FUNCTIONS)
 POOLINGS = ("cls", "mean")
 
 
-class InputError(ValueError):
+class InputError(errors.Error, ValueError):
     """A request the artifact cannot answer (the message names the field)."""
 
 
@@ -263,11 +264,11 @@ class Artifact:
 def read_card(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, CARD_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory!r} has no {CARD_FILE}: is it an encoder_jax export?")
+        raise errors.MissingFileError(f"{directory!r} has no {CARD_FILE}: is it an encoder_jax export?")
     with open(path, encoding="utf-8") as f:
         card = json.load(f)
     if card.get("format") != ARTIFACT_FORMAT or card.get("task") not in EXPORTED_TASKS:
-        raise ValueError(f"{path!r}: format {card.get('format')!r}, task {card.get('task')!r}; this "
+        raise errors.DataError(f"{path!r}: format {card.get('format')!r}, task {card.get('task')!r}; this "
                          f"version reads format {ARTIFACT_FORMAT}, tasks {list(EXPORTED_TASKS)}")
     return card
 

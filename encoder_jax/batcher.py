@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from encoder_jax import errors
+
 RunBatch = Callable[[str, Sequence[Any]], Sequence[Any]]  # (kind, rows) -> one result per row
 
 
@@ -40,7 +42,7 @@ class DynamicBatcher:
     def __init__(self, run_batch: RunBatch, *, max_batch: int, max_wait_s: float, max_queue: int,
                  on_batch: Callable[[str, Sequence[Any], float], None] | None = None):
         if max_batch < 1 or max_queue < max_batch or max_wait_s < 0:
-            raise ValueError(f"max_batch={max_batch} must be >= 1, max_queue={max_queue} >= "
+            raise errors.ConfigError(f"max_batch={max_batch} must be >= 1, max_queue={max_queue} >= "
                              f"max_batch, max_wait_s={max_wait_s} >= 0")
         self.run_batch, self.on_batch = run_batch, on_batch
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue

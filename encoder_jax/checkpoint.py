@@ -7,6 +7,7 @@ step (the newest that restores; damaged ones are set aside) > else initialise fr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,9 +19,36 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from encoder_jax import errors
+
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"  # checkpoints that failed to restore, set aside
 log = logging.getLogger("encoder_jax")
+
+
+DISK_FULL_MARKS = ("No space left on device", "Disk quota exceeded", "os_error_code='28'")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC / EDQUOT, raised directly or wrapped in a message by Orbax's async writers."""
+    if isinstance(error, OSError) and error.errno in (28, 122):
+        return True
+    return any(mark in str(error) for mark in DISK_FULL_MARKS)
+
+
+@contextlib.contextmanager
+def _disk_full_as_one_line(directory: str):
+    try:
+        yield
+    except errors.StorageError:
+        raise
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise errors.StorageError(
+            f"no space left on the device while writing a checkpoint in {directory}; the "
+            f"checkpoints already saved are intact: free space and rerun the same command to "
+            f"continue") from None
 
 
 class _IteratorSnapshot:
@@ -49,11 +77,29 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def check_space(self, state: Any) -> None:
+        """Refuses to start a save the disk cannot hold (a half-written checkpoint helps nobody).
+
+        Needs the state's bytes plus a tenth and 1 MiB for metadata; a disk that fills
+        anyway (another writer) is reported the same way when the save fails.
+        """
+        needed = sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(state))
+        needed = int(needed * 1.1) + 2 ** 20
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise errors.StorageError(
+                f"{free / 2 ** 20:.1f} MiB free on the device of {self.directory}, a checkpoint "
+                f"needs about {needed / 2 ** 20:.1f} MiB; the checkpoints already saved are "
+                f"intact: free space and rerun the same command to continue")
+
     def save(self, step: int, state: Any, data_iterator=None, force: bool = False) -> bool:
+        if force or self.manager.should_save(step):
+            self.check_space(state)
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        with _disk_full_as_one_line(self.directory):  # an async save's failure surfaces here
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state: Any, data_iterator=None, step: int | None = None) -> Any:
         """Restores the state (with the shardings of `abstract_state`) and the iterator in place.
@@ -75,7 +121,7 @@ class Checkpointer:
                 log.warning("checkpoint step %d in %s does not restore (%s); moved to %s, trying "
                             "the previous one", candidate, self.directory, reason, moved)
                 set_aside.append(f"step {candidate} -> {moved}")
-        raise ValueError(f"no checkpoint in {self.directory} restores (set aside: "
+        raise errors.DataError(f"no checkpoint in {self.directory} restores (set aside: "
                          f"{'; '.join(set_aside)}); remove the checkpoints/ directory to start over")
 
     def _restore_step(self, step: int, abstract_state: Any, data_iterator) -> Any:
@@ -96,10 +142,12 @@ class Checkpointer:
         return target
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with _disk_full_as_one_line(self.directory):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        with _disk_full_as_one_line(self.directory):
+            self.manager.wait_until_finished()
         self.manager.close()
 
 
@@ -107,7 +155,7 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
     """A read-only manager of <workdir>/checkpoints that knows both items (no warnings)."""
     directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{workdir!r} has no {CHECKPOINT_DIR}/ directory: is it a run's workdir?")
+        raise errors.MissingFileError(f"{workdir!r} has no {CHECKPOINT_DIR}/ directory: is it a run's workdir?")
     return ocp.CheckpointManager(directory, item_handlers={
         "state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
 
@@ -134,7 +182,7 @@ def load_state(workdir: str, step: int | None = None) -> Any:
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"{workdir!r} holds no finished checkpoint")
+            raise errors.MissingFileError(f"{workdir!r} holds no finished checkpoint")
         metadata = manager.item_metadata(step)["state"]
         tree = getattr(metadata, "item_metadata", None) or metadata
         one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -18,6 +18,8 @@ import functools
 import typing
 from typing import Any, Mapping, TypeVar
 
+from encoder_jax import errors
+
 T = TypeVar("T")
 
 
@@ -253,6 +255,37 @@ class CvConfig:
     seed: int = 0
 
 
+# Lower bounds (inclusive) of numeric fields; None values are left alone.
+MINIMUMS: dict[type, dict[str, float]] = {
+    TextDataConfig: {"seq_len": 8, "batch_size": 1, "workers": 0, "prefetch": 1},
+    ClassifyDataConfig: {"batch_size": 1, "max_len": 3, "length_group": 1, "workers": 0,
+                         "prefetch": 1, "max_train_examples": 1, "num_classes": 2},
+    FinetuneConfig: {"label_smoothing": 0.0, "augment_delete": 0.0, "augment_mask": 0.0},
+    TranslationDataConfig: {"max_len": 3, "max_tokens": 1, "batch_multiple": 1, "window": 1,
+                            "max_train_examples": 1, "max_eval_examples": 1, "workers": 0,
+                            "prefetch": 1},
+    TokenizerConfig: {"vocab_size": 8, "character_coverage": 0.5, "max_sentences": 1},
+    TranslationTokenizerConfig: {"vocab_size": 8, "target_vocab_size": 8,
+                                 "character_coverage": 0.5, "max_sentences": 1},
+    TranslateConfig: {"label_smoothing": 0.0, "beam_size": 1, "eval_beam_size": 1,
+                      "max_len_a": 0, "max_len_b": 0.0, "samples": 0, "eval_batch_size": 1},
+    OptConfig: {"learning_rate": 0.0, "warmup_steps": 0, "end_lr_fraction": 0.0,
+                "weight_decay": 0.0, "eps": 0.0, "grad_clip_norm": 0.0, "grad_accum_steps": 1},
+    TrainConfig: {"num_steps": 1, "log_every": 1, "max_steps_per_run": 1},
+    CheckpointConfig: {"every_steps": 1, "keep": 1, "average_last": 0},
+    EvalConfig: {"every_steps": 1, "batch_size": 1, "max_batches": 1, "early_stop_patience": 0},
+    PredictConfig: {"batch_size": 1, "nbest": 1},
+}
+
+
+def check_minimums(cls: type, value: Any, name: str) -> None:
+    """A one-line error naming the first numeric field of `value` below its minimum."""
+    for field, minimum in MINIMUMS.get(cls, {}).items():
+        given = getattr(value, field)
+        if given is not None and not given >= minimum:  # `not >=` also catches NaN
+            raise errors.ConfigError(f"{name}.{field}={given!r} must be >= {minimum}")
+
+
 def field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
@@ -273,7 +306,7 @@ def to_dict(value: Any) -> dict[str, Any]:
         return value.to_dict()
     if isinstance(value, Mapping):
         return dict(value)
-    raise TypeError(f"expected a config section, got {type(value).__name__}")
+    raise errors.ConfigTypeError(f"expected a config section, got {type(value).__name__}")
 
 
 @functools.cache
@@ -303,7 +336,7 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     if bool in types and isinstance(value, bool):
         return value
     wanted = " or ".join(sorted(t.__name__ for t in types if t is not type(None)))
-    raise TypeError(f"{name}={value!r} must be {wanted}" + (" or None" if type(None) in types else ""))
+    raise errors.ConfigTypeError(f"{name}={value!r} must be {wanted}" + (" or None" if type(None) in types else ""))
 
 
 def section(cls: type[T], value: Any, name: str) -> T:
@@ -320,7 +353,7 @@ def section(cls: type[T], value: Any, name: str) -> T:
     types = _field_types(cls)
     unknown = sorted(set(given) - set(types))
     if unknown:
-        raise KeyError(f"unknown config key {name}.{unknown[0]}; valid: {sorted(types)}")
+        raise errors.ConfigKeyError(f"unknown config key {name}.{unknown[0]}; valid: {sorted(types)}")
     values = {}
     for key, raw in given.items():
         annotation = types[key]
@@ -328,4 +361,6 @@ def section(cls: type[T], value: Any, name: str) -> T:
             values[key] = section(annotation, raw, f"{name}.{key}")
         else:
             values[key] = _check_type(f"{name}.{key}", raw, annotation)
-    return cls(**values)
+    result = cls(**values)
+    check_minimums(cls, result, name)
+    return result

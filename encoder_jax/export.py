@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from encoder_jax import artifact, checkpoint, configs
+from encoder_jax import artifact, checkpoint, configs, errors
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.models import BertEncoder, BertForClassification, BertForMaskedLM, default_segment_ids
 
@@ -179,7 +179,7 @@ def export_run(config, workdir: str, out_dir: str | None = None) -> str:
     segmenter = configs.word_segmenter(config) if config is not None else "auto"
     run = workdir_lib.load_trained(workdir, word_segmenter=segmenter)
     if run.record.task not in artifact.TASK_FUNCTIONS:
-        raise ValueError(f"--mode export: {workdir!r} holds a {run.record.task!r} run; "
+        raise errors.ConfigError(f"--mode export: {workdir!r} holds a {run.record.task!r} run; "
                          f"exportable tasks: {list(artifact.EXPORTED_TASKS)}")
     names = artifact.TASK_FUNCTIONS[run.record.task]
     out_dir = os.path.abspath(out_dir or workdir_lib.path(workdir, EXPORT_DIR))
@@ -216,7 +216,7 @@ def predict_with_artifact(config, workdir: str) -> str:
     pred_cfg = configs.section(configs.PredictConfig, config.predict, "predict")
     loaded = artifact.load_artifact(pred_cfg.artifact)
     if loaded.task != "classify":
-        raise ValueError(f"predict.artifact={pred_cfg.artifact!r} is a {loaded.task!r} export; "
+        raise errors.ConfigError(f"predict.artifact={pred_cfg.artifact!r} is a {loaded.task!r} export; "
                          f"--mode predict labels texts with a 'classify' one")
     log.info("predicting with %s (checkpoint %s, step %s)", loaded.directory,
              loaded.card["source"]["checkpoint"], loaded.card["source"]["step"])

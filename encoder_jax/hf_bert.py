@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from encoder_jax import errors
 from encoder_jax.layers import EncoderConfig
 
 CONFIG_FILE = "config.json"
@@ -135,16 +136,16 @@ def to_theirs(kind: str, x: np.ndarray) -> np.ndarray:
 def read_config(directory: str) -> dict:
     """The parsed `config.json` of a Hugging Face directory."""
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"Hugging Face directory {directory!r} does not exist")
+        raise errors.MissingFileError(f"Hugging Face directory {directory!r} does not exist")
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; a Hugging Face BERT directory "
+        raise errors.MissingFileError(f"{directory}: no {CONFIG_FILE}; a Hugging Face BERT directory "
                                 f"holds config.json, the weights and vocab.txt")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise errors.DataError(f"{path}: not valid JSON ({e})") from None
 
 
 def encoder_config(hf: dict, path: str = CONFIG_FILE) -> EncoderConfig:
@@ -152,18 +153,18 @@ def encoder_config(hf: dict, path: str = CONFIG_FILE) -> EncoderConfig:
     model_type = hf.get("model_type")
     architectures = hf.get("architectures") or []
     if model_type != "bert" or any(not a.startswith("Bert") for a in architectures):
-        raise ValueError(f"{path}: model_type={model_type!r}, architectures={architectures}; "
+        raise errors.DataError(f"{path}: model_type={model_type!r}, architectures={architectures}; "
                          f"only BERT is supported (model_type 'bert', Bert* architectures)")
     if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{path}: position_embedding_type={hf['position_embedding_type']!r}; "
+        raise errors.DataError(f"{path}: position_embedding_type={hf['position_embedding_type']!r}; "
                          f"valid: 'absolute'")
     if hf.get("is_decoder") or hf.get("add_cross_attention"):
-        raise ValueError(f"{path}: is_decoder/add_cross_attention are set; only the BERT encoder is supported")
+        raise errors.DataError(f"{path}: is_decoder/add_cross_attention are set; only the BERT encoder is supported")
     if hf.get("tie_word_embeddings", True) is False:
-        raise ValueError(f"{path}: tie_word_embeddings=false; the MLM head here is tied to the embeddings")
+        raise errors.DataError(f"{path}: tie_word_embeddings=false; the MLM head here is tied to the embeddings")
     act = hf.get("hidden_act", "gelu")
     if act not in IMPORT_ACTIVATIONS:
-        raise ValueError(f"{path}: hidden_act={act!r}; valid: {sorted(IMPORT_ACTIVATIONS)}")
+        raise errors.DataError(f"{path}: hidden_act={act!r}; valid: {sorted(IMPORT_ACTIVATIONS)}")
     return EncoderConfig(
         vocab_size=int(hf.get("vocab_size", 30522)), hidden_dim=int(hf.get("hidden_size", 768)),
         num_layers=int(hf.get("num_hidden_layers", 12)),
@@ -180,9 +181,9 @@ def encoder_config(hf: dict, path: str = CONFIG_FILE) -> EncoderConfig:
 def hf_config(cfg: EncoderConfig, architecture: str) -> dict:
     """A BERT config.json for `cfg` (post-LN only: Hugging Face BERT has no pre-LN variant)."""
     if cfg.pre_norm:
-        raise ValueError("model.pre_norm=True cannot be exported: Hugging Face BERT is post-LN")
+        raise errors.DataError("model.pre_norm=True cannot be exported: Hugging Face BERT is post-LN")
     if cfg.activation not in EXPORT_ACTIVATIONS:
-        raise ValueError(f"model.activation={cfg.activation!r} has no Hugging Face BERT "
+        raise errors.DataError(f"model.activation={cfg.activation!r} has no Hugging Face BERT "
                          f"equivalent; valid: {sorted(EXPORT_ACTIVATIONS)}")
     return {"architectures": [architecture], "model_type": "bert",
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_dim,
@@ -222,7 +223,7 @@ def read_tensors(directory: str) -> tuple[dict[str, np.ndarray], str]:
                 tensors.update(_read_file(os.path.join(directory, shard)))
             return tensors, path
         return _read_file(path), path
-    raise FileNotFoundError(f"{directory}: no weights; expected one of {list(WEIGHT_FILES)}")
+    raise errors.MissingFileError(f"{directory}: no weights; expected one of {list(WEIGHT_FILES)}")
 
 
 def _read_file(path: str) -> dict[str, np.ndarray]:
@@ -232,16 +233,16 @@ def _read_file(path: str) -> dict[str, np.ndarray]:
         try:
             return _read_safetensors(path)
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+            raise errors.DataError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     try:
         import torch
     except ImportError:
-        raise ValueError(f"{path}: reading pytorch_model.bin needs torch "
+        raise errors.DataError(f"{path}: reading pytorch_model.bin needs torch "
                          f"(pip install 'encoder_jax[hf]'), or convert it to model.safetensors") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe pickles
-        raise ValueError(f"{path}: not a loadable tensor file with weights_only=True: {e}") from None
+        raise errors.DataError(f"{path}: not a loadable tensor file with weights_only=True: {e}") from None
     return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
 
 
@@ -301,7 +302,7 @@ def _take(tensors: dict[str, np.ndarray], entries: list[Entry], source: str, use
         w = np.asarray(tensors[e.name])
         expected = hf_shape(e.kind, e.shape)
         if tuple(w.shape) != expected:
-            raise ValueError(f"{source}: tensor {e.name} has shape {tuple(w.shape)} but "
+            raise errors.DataError(f"{source}: tensor {e.name} has shape {tuple(w.shape)} but "
                              f"config.json implies {expected}")
         _set(tree, e.path, to_ours(e.kind, w, e.shape))
         used.add(e.name)
@@ -314,7 +315,7 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: EncoderConfig, source: str) -> 
     used: set[str] = set()
     encoder, missing = _take(tensors, encoder_entries(cfg), source, used)
     if missing:
-        raise ValueError(f"{source}: the encoder lacks {len(missing)} tensors: {', '.join(missing[:8])}"
+        raise errors.DataError(f"{source}: the encoder lacks {len(missing)} tensors: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
     pooler, pooler_missing = _take(tensors, pooler_entries(cfg), source, used)
     encoder.update(pooler)
@@ -328,10 +329,10 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: EncoderConfig, source: str) -> 
         num_labels = np.shape(tensors["classifier.weight"])[0]
         classifier, cls_missing = _take(tensors, classifier_entries(cfg, num_labels), source, used)
         if cls_missing:
-            raise ValueError(f"{source}: the classifier lacks {', '.join(cls_missing)}")
+            raise errors.DataError(f"{source}: the classifier lacks {', '.join(cls_missing)}")
     for group, group_missing in ((pooler, pooler_missing), (head, head_missing)):
         if group and group_missing:
-            raise ValueError(f"{source}: partial head; lacks {', '.join(group_missing)}")
+            raise errors.DataError(f"{source}: partial head; lacks {', '.join(group_missing)}")
     if head and "cls.predictions.decoder.bias" in tensors:
         used.add("cls.predictions.decoder.bias")  # tied to cls.predictions.bias
     unused = sorted(set(tensors) - used)
@@ -345,7 +346,7 @@ def _check_tied_decoder(tensors: dict[str, np.ndarray], used: set[str], source: 
         return
     embedding = tensors["embeddings.word_embeddings.weight"]
     if np.shape(tensors[name]) != np.shape(embedding) or not np.array_equal(tensors[name], embedding):
-        raise ValueError(f"{source}: {name} differs from the word embeddings; "
+        raise errors.DataError(f"{source}: {name} differs from the word embeddings; "
                          f"only tied MLM decoders are supported")
     used.add(name)
 
@@ -355,32 +356,32 @@ def to_hf(params: Params, cfg: EncoderConfig, head: str, label_names: list[str] 
     """params -> (Hugging Face tensors, config.json dict) for head "mlm" or "classifier"."""
     heads = {"mlm": "BertForMaskedLM", "classifier": "BertForSequenceClassification"}
     if head not in heads:
-        raise ValueError(f"export head={head!r}; valid: {sorted(heads)}")
+        raise errors.DataError(f"export head={head!r}; valid: {sorted(heads)}")
     config = hf_config(cfg, heads[head])
     encoder = params["encoder"]
     entries = encoder_entries(cfg)
     if "pooler" in encoder:
         entries += pooler_entries(cfg)
     elif head == "classifier":
-        raise ValueError("export head='classifier' needs the pooler (model.use_pooler=True, "
+        raise errors.DataError("export head='classifier' needs the pooler (model.use_pooler=True, "
                          "pooling='first'): Hugging Face classifies the pooled [CLS]")
     tensors = {f"bert.{e.name}": to_theirs(e.kind, _get(encoder, e.path)) for e in entries}
     if not cfg.type_vocab_size:  # Hugging Face always adds type 0: a zero row keeps outputs equal
         tensors["bert.embeddings.token_type_embeddings.weight"] = np.zeros((1, cfg.hidden_dim), np.float32)
     if head == "mlm":
         if "transform" not in params:
-            raise ValueError("export head='mlm' needs the MLM head (transform, transform_norm, "
+            raise errors.DataError("export head='mlm' needs the MLM head (transform, transform_norm, "
                              "output_bias); export a classifier with head='classifier'")
         tensors.update({e.name: to_theirs(e.kind, _get(params, e.path)) for e in mlm_head_entries(cfg)})
     else:
         if "classifier" not in params:
-            raise ValueError("export head='classifier' needs params['classifier']")
+            raise errors.DataError("export head='classifier' needs params['classifier']")
         num_labels = np.shape(params["classifier"]["bias"])[0]
         tensors.update({e.name: to_theirs(e.kind, _get(params["classifier"], e.path))
                         for e in classifier_entries(cfg, num_labels)})
         names = label_names or [f"LABEL_{i}" for i in range(num_labels)]
         if len(names) != num_labels:
-            raise ValueError(f"export: {len(names)} label names for {num_labels} classes")
+            raise errors.DataError(f"export: {len(names)} label names for {num_labels} classes")
         config["id2label"] = {str(i): n for i, n in enumerate(names)}
         config["label2id"] = {n: i for i, n in enumerate(names)}
     return tensors, config

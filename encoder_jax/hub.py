@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 
+from encoder_jax import errors
+
 CONFIG_PATTERNS = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "tokenizer.model"]
 SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
@@ -40,10 +42,10 @@ def resolve(name: str, field: str = "init_from_hf") -> str:
     if os.path.isdir(name):
         return name
     if not HUB_ID.match(name) or name.startswith((".", "/")) or os.sep + os.sep in name:
-        raise FileNotFoundError(f"{field}={name!r} is neither a directory nor a Hugging Face hub id "
+        raise errors.MissingFileError(f"{field}={name!r} is neither a directory nor a Hugging Face hub id "
                                 f"(like 'bert-base-uncased' or 'org/name@revision')")
     repo, revision = split_id(name)
-    errors = []
+    failures = []
     for offline in (True, False):
         try:
             directory = _snapshot(repo, revision, CONFIG_PATTERNS + SAFETENSORS_PATTERNS, offline)
@@ -51,10 +53,10 @@ def resolve(name: str, field: str = "init_from_hf") -> str:
                 directory = _snapshot(repo, revision, CONFIG_PATTERNS + BIN_PATTERNS, offline)
             if os.path.isfile(os.path.join(directory, "config.json")):
                 return directory
-            errors.append(f"snapshot {directory} has no config.json")
+            failures.append(f"snapshot {directory} has no config.json")
         except Exception as e:  # offline cache miss, no network, unknown repository, bad revision
-            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    raise FileNotFoundError(
+            failures.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    raise errors.MissingFileError(
         f"{field}={name!r}: not in the local Hugging Face cache and the hub could not provide it "
-        f"({errors[-1]}); download it where there is network (huggingface-cli download {repo}) "
+        f"({failures[-1]}); download it where there is network (huggingface-cli download {repo}) "
         f"and pass its directory instead")

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from encoder_jax import errors
+
 Dtype = Any
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -47,10 +49,10 @@ class EncoderConfig:
 
     def __post_init__(self):
         if self.hidden_dim % self.num_heads:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"model.hidden_dim={self.hidden_dim} is not divisible by model.num_heads={self.num_heads}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation={self.activation!r}; valid: {sorted(ACTIVATIONS)}")
+            raise errors.ConfigError(f"model.activation={self.activation!r}; valid: {sorted(ACTIVATIONS)}")
 
     @property
     def head_dim(self) -> int:
@@ -69,7 +71,7 @@ class EncoderConfig:
         names = [f.name for f in dataclasses.fields(cls) if f.name != "vocab_size"]
         unknown = sorted(set(given) - set(names) - set(ignore))
         if unknown:
-            raise KeyError(f"unknown config key model.{unknown[0]}; valid: {sorted(names)}")
+            raise errors.ConfigKeyError(f"unknown config key model.{unknown[0]}; valid: {sorted(names)}")
         values = {k: v for k, v in given.items() if k in names and v is not None}
         return cls.from_json({**values, **overrides, "vocab_size": vocab_size})
 
@@ -89,7 +91,7 @@ class EncoderConfig:
             try:
                 values[name] = jnp.dtype(values[name])
             except TypeError:
-                raise ValueError(f"model.{name}={values[name]!r}; valid: float32, bfloat16, "
+                raise errors.ConfigError(f"model.{name}={values[name]!r}; valid: float32, bfloat16, "
                                  f"float16") from None
         return cls(**values)
 

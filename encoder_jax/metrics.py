@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from encoder_jax import errors
+
 log = logging.getLogger("encoder_jax")
 
 AVERAGES = ("macro", "micro", "weighted")
@@ -54,7 +56,7 @@ def bleu_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str,
     from sacrebleu.metrics import BLEU, CHRF
 
     if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+        raise errors.DataError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     bleu, chrf = BLEU(), CHRF()
     bleu_score = bleu.corpus_score(list(hypotheses), [list(references)])
     chrf_score = chrf.corpus_score(list(hypotheses), [list(references)])
@@ -85,10 +87,10 @@ def classification_report(labels_N: np.ndarray, probs_NxC: np.ndarray, names: Se
     labels_N = np.asarray(labels_N, np.int64)
     probs_NxC = np.asarray(probs_NxC, np.float64)
     if labels_N.ndim != 1 or probs_NxC.shape != (len(labels_N), len(names)):
-        raise ValueError(f"labels {labels_N.shape} / probabilities {probs_NxC.shape} do not match "
+        raise errors.DataError(f"labels {labels_N.shape} / probabilities {probs_NxC.shape} do not match "
                          f"{len(names)} classes")
     if len(labels_N) == 0:
-        raise ValueError("no examples to evaluate")
+        raise errors.DataError("no examples to evaluate")
     classes = list(range(len(names)))
     preds_N = probs_NxC.argmax(-1)
     report: dict[str, Any] = {"num_examples": int(len(labels_N)),

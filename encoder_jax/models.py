@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from encoder_jax import errors
 from encoder_jax.layers import (ACTIVATIONS, DecoderBlock, EncoderBlock, EncoderConfig,
                                 _kernel_init, attention_mask, layer_norm)
 
@@ -83,7 +84,7 @@ class BertEncoder(nn.Module):
         cfg = self.config
         batch, length = ids_BxL.shape
         if length > cfg.max_len:
-            raise ValueError(f"sequence length {length} exceeds model.max_len={cfg.max_len}")
+            raise errors.ConfigError(f"sequence length {length} exceeds model.max_len={cfg.max_len}")
         segment_ids_BxL = default_segment_ids(ids_BxL, mask, segment_ids)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
@@ -149,7 +150,7 @@ class BertForClassification(nn.Module):
         """Returns float32 class logits (B, C)."""
         cfg = self.config
         if self.pooling not in ("first", "mean"):
-            raise ValueError(f"pooling={self.pooling!r}; valid: ['first', 'mean']")
+            raise errors.ConfigError(f"pooling={self.pooling!r}; valid: ['first', 'mean']")
         hidden_BxLxD, pooled_BxD = BertEncoder(cfg, name="encoder")(
             ids_BxL, segment_ids=segment_ids, mask=mask, type_ids=type_ids,
             positions=positions, deterministic=deterministic)
@@ -187,7 +188,7 @@ class Seq2SeqConfig:
 
     def __post_init__(self):
         if self.share_embeddings and self.encoder.vocab_size != self.target_vocab_size:
-            raise ValueError(f"model.share_embeddings needs one vocabulary; source "
+            raise errors.ConfigError(f"model.share_embeddings needs one vocabulary; source "
                              f"{self.encoder.vocab_size} != target {self.target_vocab_size} tokens")
 
     @classmethod

@@ -18,13 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from encoder_jax import errors
 from encoder_jax import checkpoint as checkpoint_lib
 from encoder_jax import configs
 from encoder_jax import workdir as workdir_lib
 
 log = logging.getLogger("encoder_jax")
 
-NORM_METRICS = ("grad_norm", "param_norm", "update_norm", "learning_rate")
+NORM_METRICS = ("grad_norm", "param_norm", "update_norm", "learning_rate", "state_finite")
+FINITE_CHECKED = ("loss", "grad_norm", "update_norm", "param_norm")
 
 
 def measure_peak_flops(dim: int = 2048, repeats: int = 10) -> float:
@@ -82,14 +84,17 @@ class StepLogger:
 
     def flush(self) -> None:
         if self.pending is not None:
-            self._absorb(*self.pending)
-            self.pending = None
+            pending, self.pending = self.pending, None
+            self._absorb(*pending)
 
     def _absorb(self, done_step: int, metrics: Any, tokens: int) -> None:
         metrics = jax.device_get(metrics)
-        if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
-            raise FloatingPointError(
-                f"non-finite loss or gradient at step {done_step}; the last good checkpoint is "
+        bad = [name for name in FINITE_CHECKED if not np.isfinite(metrics[name])]
+        if not metrics.get("state_finite", True):
+            bad.append("parameters or optimizer state")
+        if bad:  # checked before this step's checkpoint is written, so none holds non-finite values
+            raise errors.NonFiniteError(
+                f"non-finite {', '.join(bad)} at step {done_step}; the last good checkpoint is "
                 f"{self.checkpointer.latest_step()} in {self.checkpointer.directory} (lower "
                 f"opt.learning_rate or set opt.grad_clip_norm)")
         window = self.window
@@ -126,7 +131,7 @@ class StepLogger:
 def metric_mode(metric: str, mode: str = "auto") -> str:
     """'max' or 'min': 'auto' minimises losses, perplexities and error rates."""
     if mode not in ("auto", "max", "min"):
-        raise ValueError(f"eval.best_mode={mode!r}; valid: auto, max, min")
+        raise errors.ConfigError(f"eval.best_mode={mode!r}; valid: auto, max, min")
     if mode != "auto":
         return mode
     return "min" if any(w in metric for w in ("loss", "perplexity", "error")) else "max"
@@ -166,7 +171,7 @@ class BestKeeper:
         if not self.metric:
             return False
         if self.metric not in summary:
-            raise ValueError(f"eval.best_metric={self.metric!r} is not an evaluation metric; "
+            raise errors.ConfigError(f"eval.best_metric={self.metric!r} is not an evaluation metric; "
                              f"valid: {sorted(summary)}")
         value, best = float(summary[self.metric]), self.record["value"]
         improved = best is None or (value > best if self.mode == "max" else value < best)

@@ -9,7 +9,7 @@ import jax
 import optax
 from flax import traverse_util
 
-from encoder_jax import configs
+from encoder_jax import configs, errors
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad",
               "adafactor", "lamb", "lion")
@@ -20,7 +20,7 @@ def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int,
                            decay: str = "linear", end_fraction: float = 0.0) -> optax.Schedule:
     """Linear warmup to `peak`, then constant / linear / cosine / inverse-sqrt decay."""
     if decay not in SCHEDULES:
-        raise ValueError(f"opt.schedule={decay!r}; valid: {list(SCHEDULES)}")
+        raise errors.ConfigError(f"opt.schedule={decay!r}; valid: {list(SCHEDULES)}")
     warmup_steps = max(0, min(warmup_steps, total_steps))
     decay_steps = max(1, total_steps - warmup_steps)
     if decay == "constant":
@@ -68,7 +68,7 @@ def _base_optimizer(name: str, learning_rate, cfg: configs.OptConfig) -> optax.G
         return optax.lamb(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)
     if name == "lion":
         return optax.lion(learning_rate, b1=b1, b2=b2, weight_decay=wd, mask=decay_mask)
-    raise ValueError(f"opt.name={name!r}; valid: {list(OPTIMIZERS)}")
+    raise errors.ConfigError(f"opt.name={name!r}; valid: {list(OPTIMIZERS)}")
 
 
 def trainable_mask(params: Any, rule: str) -> Any:
@@ -96,9 +96,9 @@ def trainable_mask(params: Any, rule: str) -> Any:
         pattern = re.compile(rule[3:])
         mask = {path: bool(pattern.search(name)) for path, name in paths.items()}
     else:
-        raise ValueError(f"finetune.trainable={rule!r}; valid: 'all', 'head', 'top:K', 're:<regex>'")
+        raise errors.ConfigError(f"finetune.trainable={rule!r}; valid: 'all', 'head', 'top:K', 're:<regex>'")
     if not any(mask.values()):
-        raise ValueError(f"finetune.trainable={rule!r} selects no parameters")
+        raise errors.ConfigError(f"finetune.trainable={rule!r} selects no parameters")
     return traverse_util.unflatten_dict(mask)
 
 
@@ -109,7 +109,7 @@ def layer_lr_decay_scale(decay: float, num_layers: int) -> Callable[[tuple[str, 
     the blocks (final_norm, pooler, task heads outside `encoder`) is num_layers + 1.
     """
     if not 0.0 < decay <= 1.0:
-        raise ValueError(f"finetune.layer_lr_decay={decay}; valid: (0, 1]")
+        raise errors.ConfigError(f"finetune.layer_lr_decay={decay}; valid: (0, 1]")
 
     def scale(path: tuple[str, ...]) -> float:
         depth = num_layers + 1

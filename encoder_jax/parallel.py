@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from encoder_jax import errors
+
 log = logging.getLogger("encoder_jax")
 
 BATCH_AXES = ("data", "fsdp")
@@ -39,7 +41,7 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
     count = len(devices)
     fsdp = count if fsdp == -1 else fsdp
     if fsdp < 1 or count % fsdp:
-        raise ValueError(f"mesh.fsdp={fsdp} must divide the device count {count} (or be -1)")
+        raise errors.ConfigError(f"mesh.fsdp={fsdp} must divide the device count {count} (or be -1)")
     grid = np.asarray(devices).reshape(count // fsdp, fsdp)
     return Mesh(grid, BATCH_AXES)
 

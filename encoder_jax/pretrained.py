@@ -24,7 +24,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
-from encoder_jax import checkpoint, configs, hf_bert, hub
+from encoder_jax import checkpoint, configs, errors, hf_bert, hub
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data.tokenizer import SentencePieceTokenizer
 from encoder_jax.data.wordpiece import WordPieceTokenizer
@@ -102,7 +102,7 @@ def import_hf(directory: str) -> ImportedBert:
     converted = hf_bert.from_hf(tensors, config, weights_file)
     tokenizer = hf_tokenizer(directory)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"{directory}: its tokenizer has {tokenizer.vocab_size} tokens but "
+        raise errors.ConfigError(f"{directory}: its tokenizer has {tokenizer.vocab_size} tokens but "
                          f"config.json vocab_size={config.vocab_size}")
     label_names = hf_bert.label_names(hf_config, converted.classifier)
     config = dataclasses.replace(config, use_pooler="pooler" in converted.params["encoder"])
@@ -125,7 +125,7 @@ def from_hf(directory: str, word_segmenter: str = "auto") -> PretrainedEncoder:
     config = hf_bert.encoder_config(hf_config, os.path.join(directory, hf_bert.CONFIG_FILE))
     tokenizer = hf_tokenizer(directory, word_segmenter)
     if tokenizer is None:
-        raise FileNotFoundError(f"{directory}: no vocab.txt (or tokenizer.model); initialising "
+        raise errors.MissingFileError(f"{directory}: no vocab.txt (or tokenizer.model); initialising "
                                 f"from a Hugging Face BERT needs its vocabulary")
     return PretrainedEncoder(dataclasses.replace(config, use_pooler=True),
                              lambda: import_hf(directory).params, tokenizer,
@@ -135,14 +135,14 @@ def from_hf(directory: str, word_segmenter: str = "auto") -> PretrainedEncoder:
 def from_run(run_dir: str, word_segmenter: str = "auto") -> PretrainedEncoder:
     """Another run's workdir (MLM, classification, an imported checkpoint): record, tokenizer, params."""
     if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"init_from={run_dir!r} does not exist")
+        raise errors.MissingFileError(f"init_from={run_dir!r} does not exist")
     trained = workdir_lib.load_trained(run_dir, word_segmenter=word_segmenter, with_params=False)
     source = f"init_from={run_dir!r}"
 
     def load_params():
         params = checkpoint.load_params(workdir_lib.checkpoint_source(run_dir))
         if "encoder" not in params:
-            raise ValueError(f"{source}: its params have no 'encoder' subtree (top level: "
+            raise errors.ConfigError(f"{source}: its params have no 'encoder' subtree (top level: "
                              f"{sorted(params)})")
         return params
 
@@ -153,7 +153,7 @@ def init_field(config) -> str | None:
     """The one config field naming a pretrained encoder (INIT_FIELDS), or None; both set is an error."""
     named = [f for f in INIT_FIELDS if config.get(f)]
     if len(named) > 1:
-        raise ValueError(f"set init_from or init_from_hf, not both (init_from={config.init_from!r}, "
+        raise errors.ConfigError(f"set init_from or init_from_hf, not both (init_from={config.init_from!r}, "
                          f"init_from_hf={config.init_from_hf!r})")
     return named[0] if named else None
 
@@ -218,11 +218,11 @@ def graft_encoder(params: Params, pretrained: PretrainedEncoder, target: str = "
     have = traverse_util.flatten_dict(encoder)
     missing = sorted("/".join(p) for p in set(want) - set(have))
     if missing:
-        raise ValueError(f"{pretrained.source}: the pretrained encoder lacks {missing[:5]} "
+        raise errors.ConfigError(f"{pretrained.source}: the pretrained encoder lacks {missing[:5]} "
                          f"(different architecture)")
     for path, leaf in want.items():
         if np.shape(have[path]) != np.shape(leaf):
-            raise ValueError(f"{pretrained.source}: encoder/{'/'.join(path)} has shape "
+            raise errors.ConfigError(f"{pretrained.source}: encoder/{'/'.join(path)} has shape "
                              f"{np.shape(have[path])}, this model needs {np.shape(leaf)} "
                              f"(vocab or hidden size differ)")
     grafted = {path: jnp.asarray(have[path], leaf.dtype) for path, leaf in want.items()}
@@ -244,7 +244,7 @@ def merge_params(fresh: Params, imported: Params, source: str = "pretrained") ->
                 return fresh_node
             if isinstance(imported_node, dict) or tuple(imported_node.shape) != tuple(fresh_node.shape):
                 shape = "a subtree" if isinstance(imported_node, dict) else tuple(imported_node.shape)
-                raise ValueError(f"{source}: parameter {path} has shape {shape} in the checkpoint "
+                raise errors.ConfigError(f"{source}: parameter {path} has shape {shape} in the checkpoint "
                                  f"but {tuple(fresh_node.shape)} in the model")
             return np.asarray(imported_node).astype(fresh_node.dtype)
         imported_node = imported_node if isinstance(imported_node, dict) else {}

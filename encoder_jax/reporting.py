@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+from encoder_jax import errors
 from encoder_jax.workdir import METRICS_FILE
 
 log = logging.getLogger("encoder_jax")
@@ -128,7 +129,7 @@ def _fmt(v: float) -> str:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} does not exist: is {workdir!r} a run's workdir?")
+        raise errors.MissingFileError(f"{path!r} does not exist: is {workdir!r} a run's workdir?")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 

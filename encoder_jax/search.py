@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from encoder_jax import configs
+from encoder_jax import configs, errors
 from encoder_jax import workdir as workdir_lib
 
 log = logging.getLogger("encoder_jax")
@@ -49,12 +49,12 @@ def parse_grid(text: str | None) -> dict[str, list[Any]]:
     try:
         grid = json.loads(text or "{}")
     except json.JSONDecodeError as e:
-        raise ValueError(f"sweep.grid is not JSON ({e.msg}): {text!r}") from None
+        raise errors.ConfigError(f"sweep.grid is not JSON ({e.msg}): {text!r}") from None
     if not isinstance(grid, dict):
-        raise ValueError(f"sweep.grid must be a JSON object of field -> list, got {text!r}")
+        raise errors.ConfigError(f"sweep.grid must be a JSON object of field -> list, got {text!r}")
     for field, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise ValueError(f"sweep.grid[{field!r}] must be a non-empty list, got {values!r}")
+            raise errors.ConfigError(f"sweep.grid[{field!r}] must be a non-empty list, got {values!r}")
     return grid
 
 
@@ -76,7 +76,7 @@ def with_overrides(config, overrides: dict[str, Any]):
             for part in parents:
                 node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
             if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-                raise ValueError(f"sweep.grid field {field!r} is not a config field")
+                raise errors.ConfigError(f"sweep.grid field {field!r} is not a config field")
             current = node[leaf]
             if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -96,11 +96,11 @@ def setting_name(point: dict[str, Any]) -> str:
 def plan(config, workdir: str, mode: str) -> list[Run]:
     """Every run of the search, point-major: sweep repeats seeds, cv holds out each fold."""
     if mode not in MODES:
-        raise ValueError(f"--mode {mode!r}; valid: {list(MODES)}")
+        raise errors.ConfigError(f"--mode {mode!r}; valid: {list(MODES)}")
     sweep, cv = _sections(config)
     replicas = cv.folds if mode == "cv" else sweep.repeats
     if replicas < (2 if mode == "cv" else 1):
-        raise ValueError(f"{'cv.folds' if mode == 'cv' else 'sweep.repeats'}={replicas} is too small")
+        raise errors.ConfigError(f"{'cv.folds' if mode == 'cv' else 'sweep.repeats'}={replicas} is too small")
     runs = []
     for p, point in enumerate(grid_points(parse_grid(sweep.grid))):
         for r in range(replicas):
@@ -212,7 +212,7 @@ def search(config, workdir: str, mode: str) -> dict[str, Any]:
     runs = plan(config, workdir, mode)
     index = _sections(config)[0].index
     if index is not None and not 0 <= index < len(runs):
-        raise ValueError(f"sweep.index={index}; valid: 0..{len(runs) - 1} ({len(runs)} runs)")
+        raise errors.ConfigError(f"sweep.index={index}; valid: 0..{len(runs) - 1} ({len(runs)} runs)")
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.write_json(os.path.join(workdir, "search.json"),
                            {"mode": mode, "runs": [dataclasses.asdict(r) for r in runs]})

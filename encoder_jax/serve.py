@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Sequence
 
+from encoder_jax import errors
 from encoder_jax import artifact as artifact_lib
 from encoder_jax.serve_engine import ServeConfig
 
@@ -36,7 +37,7 @@ def resolve_artifact(path: str) -> str:
     if artifact_lib.is_artifact(exported):
         return exported
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path!r} does not exist")
+        raise errors.MissingFileError(f"{path!r} does not exist")
     log.info("%s is a workdir without an export: exporting it to %s", path, exported)
     return export.export_run(None, path)
 

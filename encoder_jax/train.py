@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Any
 
 import jax
@@ -20,7 +19,7 @@ import numpy as np
 import optax
 
 from encoder_jax import checkpoint as checkpoint_lib
-from encoder_jax import configs, optim, parallel, preemption, reporting, tasks
+from encoder_jax import configs, errors, optim, parallel, preemption, reporting, tasks
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.tasks.base import Task
 from encoder_jax.monitor import (BestKeeper, StepLogger, compiled_flops, measure_peak_flops,
@@ -72,6 +71,13 @@ def init_train_state(task: Task, tx: optax.GradientTransformation, rng: jax.Arra
     return state
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """() bool: every float leaf of `tree` is free of NaN and inf."""
+    checks = [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(checks).all() if checks else jnp.array(True)
+
+
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule, accum_steps: int = 1):
     """(state, batch, base_key) -> (state, metrics): pure, to be jitted once."""
 
@@ -114,7 +120,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule, accu
         metrics = {**sums, "grad_norm": optax.global_norm(grads),
                    "param_norm": optax.global_norm(params),
                    "update_norm": optax.global_norm(updates),
-                   "learning_rate": schedule(state["step"])}
+                   "learning_rate": schedule(state["step"]),
+                   "state_finite": all_finite((params, opt_state))}
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         if "model_state" in state:
             new_state["model_state"] = model_state
@@ -157,7 +164,7 @@ def evaluate(task: Task, eval_step, state, batch_sharding, eval_key) -> dict[str
     for sums in outputs:
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     if totals is None:
-        raise ValueError("the evaluation split yields no batch")
+        raise errors.ConfigError("the evaluation split yields no batch")
     return task.summarize({k: np.asarray(jax.device_get(v), np.float64) for k, v in totals.items()})
 
 
@@ -212,10 +219,24 @@ def restore_or_init(task, tx, trainer: TrainerConfig, init_key, abstract, shardi
                    out_shardings=shardings)(params, state.get("model_state"))
 
 
+def check_batch_rows(batch_rows: dict[str, int], accum_steps: int, local_devices: int) -> None:
+    """One line naming the field when a batch does not split over the devices or micro-batches."""
+    for index, (field, rows) in enumerate(batch_rows.items()):
+        if rows < 1 or rows % local_devices:
+            raise errors.ConfigError(
+                f"{field} gives {rows} rows per process, which do not split over its "
+                f"{local_devices} devices: use a multiple of {local_devices} rows per process")
+        if index == 0 and rows % accum_steps:
+            raise errors.ConfigError(
+                f"{field} gives {rows} rows per process, which do not split into "
+                f"opt.grad_accum_steps={accum_steps} micro-batches: use a multiple of {accum_steps}")
+
+
 def setup(config, trainer: TrainerConfig, workdir: str) -> Setup:
     """Builds the task, mesh, shardings, optimizer, state (resumed or fresh) and the step compiler."""
     mesh = parallel.make_mesh(trainer.mesh.fsdp)
     task = build_task(config, workdir)
+    check_batch_rows(task.batch_rows, trainer.opt.grad_accum_steps, jax.local_device_count())
     tx, schedule = optim.build_optimizer(trainer.opt, trainer.train.num_steps, task.trainable,
                                          task.lr_scale)
     init_key, train_key, eval_key = jax.random.split(jax.random.key(trainer.seed), 3)
@@ -289,7 +310,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     """Trains `config.task` in `workdir`, resuming if it holds a checkpoint; returns final eval."""
     trainer = TrainerConfig.from_config(config)
     if trainer.ckpt.average_last > trainer.ckpt.keep:
-        raise ValueError(f"ckpt.average_last={trainer.ckpt.average_last} exceeds ckpt.keep="
+        raise errors.ConfigError(f"ckpt.average_last={trainer.ckpt.average_last} exceeds ckpt.keep="
                          f"{trainer.ckpt.keep}: keep at least as many checkpoints as are averaged")
     workdir_lib.check_writable(workdir)
     is_lead = jax.process_index() == 0
@@ -356,7 +377,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         raise
     finally:
         signals.__exit__(None, None, None)
-        for closeable in (s.checkpointer, keeper, writer, progress):
+        for closeable in (keeper, writer, progress, s.checkpointer):
             closeable.close()
     if is_lead:
         reporting.plot_curves(workdir)

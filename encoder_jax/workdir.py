@@ -27,7 +27,7 @@ import logging
 import os
 from typing import Any
 
-from encoder_jax import checkpoint
+from encoder_jax import checkpoint, errors
 from encoder_jax.data import tokenizer as tokenizer_lib
 from encoder_jax.data.labels import LabelSpace
 from encoder_jax.data.sources import DataError
@@ -72,7 +72,7 @@ def read_json(file_path: str) -> Any:
         with open(file_path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file_path} is not valid JSON ({e}); restore or delete it") from None
+        raise errors.DataError(f"{file_path} is not valid JSON ({e}); restore or delete it") from None
 
 
 def read_json_if_exists(file_path: str) -> Any | None:
@@ -88,7 +88,7 @@ def check_writable(workdir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise PermissionError(f"--workdir {workdir!r} is not writable: {e.strerror}") from None
+        raise errors.NotWritableError(f"--workdir {workdir!r} is not writable: {e.strerror}") from None
 
 
 def write_config(workdir: str, config) -> str:
@@ -171,7 +171,7 @@ def checkpoint_source(workdir: str) -> str:
     candidates = (path(workdir, AVERAGED_DIR), path(workdir, BEST_DIR), workdir)
     source = next((d for d in candidates if has_steps(d)), None)
     if source is None:
-        raise FileNotFoundError(f"--workdir {workdir!r} holds no checkpoint: train there first")
+        raise errors.MissingFileError(f"--workdir {workdir!r} holds no checkpoint: train there first")
     return source
 
 
@@ -195,7 +195,7 @@ def load_tokenizer(workdir: str, word_segmenter: str = "auto"):
     try:
         return tokenizer_lib.load_saved(workdir, word_segmenter)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{workdir!r} has no tokenizer.model or vocab.txt: is it an "
+        raise errors.MissingFileError(f"{workdir!r} has no tokenizer.model or vocab.txt: is it an "
                                 f"encoder_jax run's workdir?") from None
 
 
@@ -209,12 +209,12 @@ def load_trained(workdir: str, step: int | None = None, word_segmenter: str = "a
     Without `need_tokenizer`, a directory with no tokenizer gives `tokenizer=None`.
     """
     if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"{workdir!r} does not exist")
+        raise errors.MissingFileError(f"{workdir!r} does not exist")
     tokenizer = (load_tokenizer(workdir, word_segmenter) if need_tokenizer
                  else _tokenizer_or_none(workdir, word_segmenter))
     record = read_model_record(workdir, tokenizer.vocab_size if tokenizer else None)
     if record is None:
-        raise FileNotFoundError(f"{workdir!r} has no {MODEL_FILE}: is it an encoder_jax run's "
+        raise errors.MissingFileError(f"{workdir!r} has no {MODEL_FILE}: is it an encoder_jax run's "
                                 f"workdir?")
     params = None
     if with_params:

@@ -135,12 +135,51 @@ def test_schedule_warms_up_then_decays():
 def test_non_finite_loss_stops_with_a_message_and_keeps_good_checkpoints(corpus_files, data_cache, tmp_path):
     config = tiny_config(corpus_files, data_cache, **{
         "train.num_steps": 8, "ckpt.every_steps": 1, "opt.name": "sgd", "opt.grad_clip_norm": 0.0,
-        "opt.learning_rate": 1e30, "opt.warmup_steps": 0, "opt.schedule": "constant"})
-    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step"):
+        "opt.learning_rate": 1e30, "opt.warmup_steps": 4, "opt.schedule": "constant"})
+    # Step 1 runs at learning rate 0 (warm-up) and is checkpointed; step 2 blows up.
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at step 2; the last good "
+                                                 r"checkpoint is 1 in "):
         train.run(config, str(tmp_path))
-    for step in checkpoint.Checkpointer(str(tmp_path)).manager.all_steps():
+    steps = checkpoint.Checkpointer(str(tmp_path)).manager.all_steps()
+    assert list(steps) == [1]
+    for step in steps:
         params = jax.tree_util.tree_leaves(checkpoint.load_params(str(tmp_path), step))
         assert all(np.isfinite(p).all() for p in params), f"checkpoint {step} holds non-finite values"
+
+
+def test_all_finite_sees_one_bad_element_in_any_float_leaf():
+    import jax.numpy as jnp
+
+    tree = {"a": jnp.ones((3, 4)), "b": [jnp.zeros(2, jnp.bfloat16), jnp.arange(3)]}
+    assert bool(train.all_finite(tree))
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        assert not bool(train.all_finite({**tree, "a": tree["a"].at[2, 1].set(bad)}))
+        assert not bool(train.all_finite({**tree, "b": [tree["b"][0].at[1].set(bad), tree["b"][1]]}))
+
+
+def test_non_finite_parameters_with_a_finite_loss_stop_before_any_checkpoint(tmp_path):
+    """The update that makes parameters (or optimizer state) non-finite is caught on the host
+    before its step's checkpoint is written, even when loss and gradient are finite."""
+    from types import SimpleNamespace
+
+    from encoder_jax import configs, errors
+    from encoder_jax.monitor import StepLogger
+
+    saver = checkpoint.Checkpointer(str(tmp_path), use_async=False)
+    logger = StepLogger(SimpleNamespace(summarize=dict), configs.TrainConfig(
+        num_steps=10, log_every=100, peak_flops_per_device=1.0), writer=None, progress=None,
+        flops_per_step=None, checkpointer=saver)
+    good = {"loss": np.float32(2.0), "grad_norm": np.float32(1.0), "update_norm": np.float32(0.1),
+            "param_norm": np.float32(5.0), "learning_rate": np.float32(0.1), "state_finite": True}
+    logger.push(1, good, tokens=8)
+    logger.push(2, {**good, "state_finite": False}, tokens=8)
+    with pytest.raises(errors.NonFiniteError, match="non-finite parameters or optimizer state "
+                                                    "at step 2; the last good checkpoint is None"):
+        logger.flush()
+    logger.push(3, {**good, "param_norm": np.float32(np.inf)}, tokens=8)
+    with pytest.raises(FloatingPointError, match="non-finite param_norm at step 3"):
+        logger.flush()
+    saver.close()
 
 
 def _damage(step_dir):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from encoder_jax import errors
 from encoder_jax.data.text import SPECIAL_TOKENS
 
 UNIGRAM, BPE = 1, 2  # sentencepiece TrainerSpec.model_type
@@ -49,7 +50,7 @@ def _model(proto):
         vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
         return models.BPE(vocab, bpe_merges(vocab), unk_token=pieces[unk_id][0], fuse_unk=True,
                           byte_fallback=proto.trainer_spec.byte_fallback)
-    raise ValueError(f"sentencepiece model_type {kind}: only unigram ({UNIGRAM}) and bpe ({BPE}) "
+    raise errors.DataError(f"sentencepiece model_type {kind}: only unigram ({UNIGRAM}) and bpe ({BPE}) "
                      f"convert to a fast tokenizer")
 
 

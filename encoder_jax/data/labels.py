@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from encoder_jax import configs
+from encoder_jax import configs, errors
 from encoder_jax.data.sources import DataError
 
 LABEL_FORMATS = ("auto", "index", "name")
@@ -83,7 +83,7 @@ class LabelSpace:
 def read_class_names(path: str) -> list[str]:
     """One class name per line (blank lines skipped); duplicates are an error."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.classes_file={path!r} does not exist")
+        raise errors.MissingFileError(f"data.classes_file={path!r} does not exist")
     with open(path, encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
     if not names or len(set(names)) != len(names):

@@ -14,10 +14,8 @@ Every source yields dicts of Python values: str for text fields, int for labels.
 from __future__ import annotations
 
 import ast
-import csv
 import dataclasses
 import functools
-import gzip
 import hashlib
 import json
 import os
@@ -27,6 +25,9 @@ import sysconfig
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from encoder_jax import errors
+from encoder_jax.data.files import checked_lines, read_documents, read_table  # noqa: F401 (re-exported)
 
 FILE_FORMATS = ("lines", "paragraphs", "wikiextractor", "csv", "tsv")
 BUILTIN_CORPORA = ("python_docs",)
@@ -38,82 +39,7 @@ def default_data_dir() -> str:
                           os.path.join(os.path.expanduser("~"), ".cache", "encoder_jax", "tfds"))
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file or field."""
-
-
-# ----------------------------------------------------------------------------- file readers
-
-
-def _checked_lines(path: str) -> Iterator[str]:
-    """Yields the lines of a (gzipped) UTF-8 file; names file and line on bad bytes."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist")
-    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"data file {path!r} is not UTF-8 at line {number}: {e.reason}") from None
-
-
-def read_documents(path: str, file_format: str) -> Iterator[str]:
-    """Documents of a plain-text file: one per line, per blank-line block, or per <doc>."""
-    if file_format == "lines":
-        for line in _checked_lines(path):
-            if line.strip():
-                yield line.strip()
-        return
-    block: list[str] = []
-    for line in _checked_lines(path):
-        stripped = line.strip()
-        if file_format == "wikiextractor":
-            if stripped.startswith("<doc"):
-                block = []
-            elif stripped.startswith("</doc>"):
-                if block:
-                    yield "\n".join(block)
-                block = []
-            elif stripped:
-                block.append(stripped)
-            continue
-        if stripped:
-            block.append(stripped)
-        elif block:
-            yield "\n".join(block)
-            block = []
-    if block:
-        yield "\n".join(block)
-
-
-def read_table(path: str, delimiter: str, columns: Mapping[str, str | int],
-               has_header: bool) -> Iterator[dict[str, str]]:
-    """Rows of a CSV/TSV as {field: cell}; `columns` maps output field -> header name or index."""
-    reader = csv.reader(_checked_lines(path), delimiter=delimiter,
-                        quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE)
-    header = None
-    if has_header:
-        header = next(reader, None)
-        if header is None:
-            return
-    index = {}
-    for field, column in columns.items():
-        if isinstance(column, int) or (isinstance(column, str) and column.isdigit()):
-            index[field] = int(column)
-        elif header is not None and column in header:
-            index[field] = header.index(column)
-        else:
-            raise DataError(f"data file {path!r} has no column {column!r} (for field {field!r}); "
-                            f"columns: {header if header else 'no header, use an integer index'}")
-    width = max(index.values()) + 1
-    for line_number, row in enumerate(reader, 2 if has_header else 1):
-        if not row:
-            continue
-        if len(row) < width:
-            raise DataError(f"data file {path!r} row {line_number} has {len(row)} columns, "
-                            f"needs {width}")
-        yield {field: row[i] for field, i in index.items()}
-
+DataError = errors.DataError  # bad input data; the message names the file or field
 
 # ----------------------------------------------------------------------------- TFDS builder
 
@@ -144,7 +70,7 @@ def validate_files(spec: LocalFilesSpec) -> None:
             raise DataError(f"data.files.{split} is empty")
         for path in paths:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"data.files.{split}: {path!r} does not exist")
+                raise errors.MissingFileError(f"data.files.{split}: {path!r} does not exist")
             if os.path.getsize(path) == 0:
                 raise DataError(f"data.files.{split}: {path!r} is empty")
 
@@ -347,7 +273,7 @@ def expand_files(spec: str | None, field: str) -> list[str]:
             continue
         matches = sorted(glob.glob(os.path.expanduser(part)))
         if not matches:
-            raise FileNotFoundError(f"{field}: {part!r} does not exist")
+            raise errors.MissingFileError(f"{field}: {part!r} does not exist")
         paths.extend(matches)
     return paths
 
@@ -359,7 +285,7 @@ def infer_format(paths: Sequence[str]) -> str:
         return "csv"
     if name.endswith(".tsv"):
         return "tsv"
-    head = next((line for line in _checked_lines(paths[0]) if line.strip()), "")
+    head = next((line for line in checked_lines(paths[0]) if line.strip()), "")
     return "wikiextractor" if head.lstrip().startswith("<doc") else "lines"
 
 

@@ -15,6 +15,7 @@ import os
 import shutil
 from typing import Callable, Iterable, Iterator
 
+from encoder_jax import errors
 from encoder_jax.data.text import (CJK, SPECIAL_TOKENS, WORD_SEGMENTERS, Tokenizer,
                                    char_to_byte_offsets, jieba_word_starts, tokens_starting_words)
 from encoder_jax.data.wordpiece import WordPieceTokenizer
@@ -33,14 +34,14 @@ class SentencePieceTokenizer:
         import sentencepiece as spm
 
         if word_segmenter not in WORD_SEGMENTERS:
-            raise ValueError(f"tokenizer.word_segmenter={word_segmenter!r}; valid: {list(WORD_SEGMENTERS)}")
+            raise errors.DataError(f"tokenizer.word_segmenter={word_segmenter!r}; valid: {list(WORD_SEGMENTERS)}")
         self._proto = model_proto
         self.word_segmenter = word_segmenter
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         ids = {piece: self._sp.piece_to_id(piece) for piece in SPECIAL_TOKENS}
         missing = [p for p, i in ids.items() if i == self._sp.unk_id() and p != "[UNK]"]
         if missing:
-            raise ValueError(f"sentencepiece model lacks special tokens {missing}; "
+            raise errors.DataError(f"sentencepiece model lacks special tokens {missing}; "
                              f"train it with encoder_jax or add them as control symbols")
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
             ids[p] for p in SPECIAL_TOKENS)
@@ -61,7 +62,7 @@ class SentencePieceTokenizer:
     @classmethod
     def load(cls, path: str, word_segmenter: str = "auto") -> "SentencePieceTokenizer":
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer.model_file={path!r} does not exist")
+            raise errors.MissingFileError(f"tokenizer.model_file={path!r} does not exist")
         with open(path, "rb") as f:
             return cls(f.read(), word_segmenter)
 
@@ -74,7 +75,7 @@ class SentencePieceTokenizer:
         import sentencepiece as spm
 
         if model_type not in MODEL_TYPES:
-            raise ValueError(f"tokenizer.model_type={model_type!r}; valid: {list(MODEL_TYPES)}")
+            raise errors.DataError(f"tokenizer.model_type={model_type!r}; valid: {list(MODEL_TYPES)}")
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=_training_lines(texts, max_sentences), model_writer=model,
@@ -134,7 +135,7 @@ def load_saved(directory: str, word_segmenter: str = "auto") -> Tokenizer:
     for cls in (SentencePieceTokenizer, WordPieceTokenizer):
         if os.path.isfile(os.path.join(directory, cls.FILENAME)):
             return cls.load(os.path.join(directory, cls.FILENAME), word_segmenter)
-    raise FileNotFoundError(f"{directory!r} holds no tokenizer ({SentencePieceTokenizer.FILENAME} "
+    raise errors.MissingFileError(f"{directory!r} holds no tokenizer ({SentencePieceTokenizer.FILENAME} "
                             f"or {WordPieceTokenizer.FILENAME})")
 
 

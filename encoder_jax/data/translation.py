@@ -233,4 +233,4 @@ def example_batch(rows: int, length: int) -> dict[str, np.ndarray]:
 
 def read_source_lines(path: str) -> list[str]:
     """One source sentence per line of a UTF-8 (.gz ok) file, for prediction; empty lines kept."""
-    return [line.rstrip("\r\n") for line in sources._checked_lines(path)]
+    return [line.rstrip("\r\n") for line in sources.checked_lines(path)]

@@ -21,6 +21,7 @@ import os
 import shutil
 from typing import Iterable
 
+from encoder_jax import errors
 from encoder_jax.data.text import (CJK, SPECIAL_TOKENS, WORD_SEGMENTERS, jieba_word_starts,
                                    tokens_starting_words)
 
@@ -32,11 +33,11 @@ SPECIAL_TOKEN_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_
 def read_vocab(path: str) -> list[str]:
     """Tokens of a `vocab.txt`, one per line; the line number is the id (as BERT reads it)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"vocabulary file {path!r} does not exist")
+        raise errors.MissingFileError(f"vocabulary file {path!r} does not exist")
     with open(path, encoding="utf-8") as f:
         tokens = [line.rstrip("\n") for line in f.readlines()]
     if not tokens:
-        raise ValueError(f"vocabulary file {path!r} is empty")
+        raise errors.DataError(f"vocabulary file {path!r} is empty")
     return tokens
 
 
@@ -65,11 +66,11 @@ class WordPieceTokenizer:
         from tokenizers.models import WordPiece
 
         if word_segmenter not in WORD_SEGMENTERS:
-            raise ValueError(f"tokenizer.word_segmenter={word_segmenter!r}; valid: {list(WORD_SEGMENTERS)}")
+            raise errors.DataError(f"tokenizer.word_segmenter={word_segmenter!r}; valid: {list(WORD_SEGMENTERS)}")
         ids = {token: index for index, token in enumerate(vocab)}  # a later duplicate wins, as in BERT
         missing = [t for t in special_tokens if t not in ids]
         if missing:
-            raise ValueError(f"WordPiece vocabulary lacks special tokens {missing}; "
+            raise errors.DataError(f"WordPiece vocabulary lacks special tokens {missing}; "
                              f"it needs all of {list(special_tokens)}")
         self._vocab = list(vocab)
         self.lowercase, self.strip_accents, self.chinese_chars = lowercase, strip_accents, chinese_chars
@@ -159,7 +160,7 @@ def read_options(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable JSON tokenizer config ({e})") from None
+        raise errors.DataError(f"{path}: not a readable JSON tokenizer config ({e})") from None
     options = {"lowercase": bool(hf.get("do_lower_case", True)),
                "strip_accents": hf.get("strip_accents"),
                "chinese_chars": bool(hf.get("tokenize_chinese_chars", True))}

@@ -12,6 +12,8 @@ import dataclasses
 import importlib
 from types import ModuleType
 
+from encoder_jax import errors
+
 MODES = ("train", "predict", "export")
 
 
@@ -33,9 +35,9 @@ TASKS = {
 def load(name: str, mode: str = "train") -> ModuleType:
     """The module of task `name`; an unknown task, or a mode it lacks, is a one-line error."""
     if name not in TASKS:
-        raise ValueError(f"task={name!r}; valid: {sorted(TASKS)}")
+        raise errors.ConfigError(f"task={name!r}; valid: {sorted(TASKS)}")
     entry = TASKS[name]
     if mode not in entry.modes:
         able = sorted(n for n, e in TASKS.items() if mode in e.modes)
-        raise ValueError(f"task={name!r} has no {mode} mode; tasks with one: {able}")
+        raise errors.ConfigError(f"task={name!r} has no {mode} mode; tasks with one: {able}")
     return importlib.import_module(entry.module)

@@ -39,6 +39,9 @@ class Task:
       on_eval: (step, summary) -> None, for reports after each evaluation.
       on_best: (step, summary) -> None, after an evaluation that improved `eval.best_metric`.
       lr_scale: optional parameter path -> learning-rate factor (e.g. layer-wise decay).
+      batch_rows: config field -> this process's rows per batch (or the multiple every
+        batch's rows are), the train batch first; the trainer checks that each splits over
+        the local devices (and the train batch into `opt.grad_accum_steps` micro-batches).
     """
 
     name: str
@@ -57,6 +60,7 @@ class Task:
     on_eval: Callable[[int, dict[str, float]], None] | None = None
     on_best: Callable[[int, dict[str, float]], None] | None = None
     lr_scale: Callable[[tuple[str, ...]], float] | None = None
+    batch_rows: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def stateless(loss: Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, Sums]]):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from encoder_jax import errors
 from encoder_jax import configs, metrics, optim, pretrained as pretrained_lib
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, classification as data_lib, labels as labels_lib
@@ -53,7 +54,7 @@ def architecture(model_cfg, recorded: dict[str, Any] | None, recorded_from: str)
         return {**defaults, **configs.to_dict(given.get("scratch")), **explicit}
     for field, value in explicit.items():
         if recorded.get(field) != value:
-            raise ValueError(f"model.{field}={value!r} but {recorded_from} has {field}="
+            raise errors.ConfigError(f"model.{field}={value!r} but {recorded_from} has {field}="
                              f"{recorded.get(field)!r}: drop the override (the shape comes from there)")
     return {f: recorded[f] for f in ARCH_FIELDS}
 
@@ -128,12 +129,12 @@ def select_examples(data_cfg: configs.ClassifyDataConfig, cv: configs.CvConfig,
     from sklearn.model_selection import StratifiedKFold
 
     if not 0 <= cv.fold < cv.folds:
-        raise ValueError(f"cv.fold={cv.fold}; valid: 0..{cv.folds - 1} (cv.folds={cv.folds})")
+        raise errors.ConfigError(f"cv.fold={cv.fold}; valid: 0..{cv.folds - 1} (cv.folds={cv.folds})")
     try:
         splitter = StratifiedKFold(cv.folds, shuffle=True, random_state=cv.seed)
         train_pos, held_pos = list(splitter.split(indices, train_ids_N[indices]))[cv.fold]
     except ValueError as e:
-        raise ValueError(f"cv.folds={cv.folds}: {e}") from None
+        raise errors.ConfigError(f"cv.folds={cv.folds}: {e}") from None
     return indices[train_pos], indices[held_pos]
 
 
@@ -183,11 +184,11 @@ def tokenizer_and_encoder(config, workdir: str | None, full_train, cache_dir: st
     pretrained = pretrained_lib.resolve(config) if record is None else None
     if pretrained is not None:
         if tok_cfg.model_file:
-            raise ValueError(f"{pretrained.source} and tokenizer.model_file are both set: the "
+            raise errors.ConfigError(f"{pretrained.source} and tokenizer.model_file are both set: the "
                              f"pretrained encoder's tokenizer is used, drop tokenizer.model_file")
         tokenizer = pretrained.tokenizer
         if pretrained.config.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"{pretrained.source}: encoder vocab {pretrained.config.vocab_size} != "
+            raise errors.ConfigError(f"{pretrained.source}: encoder vocab {pretrained.config.vocab_size} != "
                              f"tokenizer vocab {tokenizer.vocab_size}")
     else:
         def texts():
@@ -219,9 +220,9 @@ def encoding_config(data_cfg: configs.ClassifyDataConfig, num_texts: int) -> dat
 
 def check_shape(encoding: data_lib.EncodingConfig, model_cfg: EncoderConfig) -> None:
     if encoding.max_len > model_cfg.max_len:
-        raise ValueError(f"data.max_len={encoding.max_len} exceeds model.max_len={model_cfg.max_len}")
+        raise errors.ConfigError(f"data.max_len={encoding.max_len} exceeds model.max_len={model_cfg.max_len}")
     if encoding.text_mode == "pair" and model_cfg.type_vocab_size < 2:
-        raise ValueError("data.text_mode='pair' needs model.type_vocab_size >= 2")
+        raise errors.ConfigError("data.text_mode='pair' needs model.type_vocab_size >= 2")
 
 
 def model_functions(model: BertForClassification, ft: configs.FinetuneConfig, tokenizer):
@@ -333,6 +334,8 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         init_from=init_from if wants_pretrained else None, eval_fn=eval_fn,
         lr_scale=optim.layer_lr_decay_scale(decay, model_cfg.num_layers) if decay and decay != 1.0
         else None,
+        batch_rows={"data.batch_size": data_cfg.batch_size // shard_count,
+                    "eval.batch_size": (eval_cfg.batch_size or data_cfg.batch_size) // shard_count},
         **evaluation_hooks(workdir, eval_source, tokenizer, labels, encoding,
                            eval_cfg.batch_size or data_cfg.batch_size, shard_index, shard_count))
 
@@ -344,7 +347,7 @@ def predict_rows(config, pred_cfg: configs.PredictConfig) -> tuple[list[str], li
     """(text fields, the texts of each row of `predict.input`)."""
     data_cfg = configs.section(configs.ClassifyDataConfig, config.data, "data")
     if not pred_cfg.input:
-        raise ValueError("--mode predict needs --config.predict.input=FILE (csv, tsv or jsonl)")
+        raise errors.ConfigError("--mode predict needs --config.predict.input=FILE (csv, tsv or jsonl)")
     fields = data_lib.split_fields(pred_cfg.text_fields or data_cfg.text_fields, "predict.text_fields")
     has_header = data_cfg.has_header if pred_cfg.has_header is None else pred_cfg.has_header
     return fields, data_lib.read_prediction_rows(pred_cfg.input, fields, has_header)
@@ -355,7 +358,7 @@ def predict(config, run: workdir_lib.TrainedRun) -> str:
     from tqdm import tqdm
 
     if run.record.task != "classify" or run.labels is None:
-        raise FileNotFoundError(f"{run.workdir!r} holds no classification run ({workdir_lib.MODEL_FILE} "
+        raise errors.MissingFileError(f"{run.workdir!r} holds no classification run ({workdir_lib.MODEL_FILE} "
                                 f"task={run.record.task!r}): train a classification run there first")
     pred_cfg = configs.section(configs.PredictConfig, config.predict, "predict")
     fields, rows = predict_rows(config, pred_cfg)

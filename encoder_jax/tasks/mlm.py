@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from encoder_jax import errors
 from encoder_jax import configs, metrics, pretrained as pretrained_lib
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import mlm_packing, sources, tokenizer as tokenizer_lib
@@ -39,9 +40,9 @@ class MaskingConfig:
 
     def __post_init__(self):
         if not 0.0 < self.rate < 1.0:
-            raise ValueError(f"mlm.rate={self.rate} must be in (0, 1)")
+            raise errors.ConfigError(f"mlm.rate={self.rate} must be in (0, 1)")
         if self.mask_fraction + self.random_fraction > 1.0:
-            raise ValueError("mlm.mask_fraction + mlm.random_fraction must be <= 1")
+            raise errors.ConfigError("mlm.mask_fraction + mlm.random_fraction must be <= 1")
 
 
 def choose_positions(key: jax.Array, ids_BxL: jax.Array, segment_ids_BxL: jax.Array,
@@ -190,7 +191,7 @@ def _check_enough_tokens(source, tokenizer, needed: int, text_field: str) -> Non
         total += len(tokenizer.encode(source[index][text_field])) + 2
         if total >= needed:
             return
-    raise ValueError(f"the training corpus ({source.name}) has {total} tokens, fewer than one "
+    raise errors.ConfigError(f"the training corpus ({source.name}) has {total} tokens, fewer than one "
                      f"batch of data.batch_size x data.seq_len = {needed}; add text or lower those")
 
 
@@ -213,7 +214,7 @@ def tokenizer_and_model(config, pretrained, data_cfg: configs.TextDataConfig, tr
 def host_rows(global_rows: int, shard_count: int, field: str) -> int:
     """This process's share of a global batch; it must divide evenly."""
     if global_rows % shard_count:
-        raise ValueError(f"{field}={global_rows} must divide by the process count {shard_count}")
+        raise errors.ConfigError(f"{field}={global_rows} must divide by the process count {shard_count}")
     return global_rows // shard_count
 
 
@@ -228,7 +229,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
                                                workdir, cache_dir)
     seq_len = data_cfg.seq_len
     if seq_len > model_cfg.max_len:
-        raise ValueError(f"data.seq_len={seq_len} exceeds model.max_len={model_cfg.max_len}")
+        raise errors.ConfigError(f"data.seq_len={seq_len} exceeds model.max_len={model_cfg.max_len}")
     if workdir and shard_index == 0:
         if pretrained is not None:
             tokenizer.save(workdir)
@@ -259,4 +260,5 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         name="mlm", init_params=init_params, loss_fn=stateless(loss), train_data=train_data,
         example_batch=mlm_packing.example_batch(rows, seq_len), summarize=summarize_with_baseline,
         eval_batches=eval_batches, tokens_in_batch=lambda b: int((b["segment_ids"] > 0).sum()),
-        init_from=init_from)
+        init_from=init_from,
+        batch_rows={"data.batch_size": rows, "eval.batch_size": eval_rows})

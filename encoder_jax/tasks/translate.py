@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from encoder_jax import errors
 from encoder_jax import configs, decode, losses, metrics, pretrained as pretrained_lib, reporting
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, sources, tokenizer as tokenizer_lib
@@ -120,10 +121,10 @@ def resolve_model(config, workdir, train_source, cache_dir):
         return source_tok, target_tok, model_config(config, source_tok.vocab_size,
                                                     target_tok.vocab_size, None), None, joint
     if pretrained.config.vocab_size != pretrained.tokenizer.vocab_size:
-        raise ValueError(f"{pretrained.source}: encoder vocab {pretrained.config.vocab_size} != "
+        raise errors.ConfigError(f"{pretrained.source}: encoder vocab {pretrained.config.vocab_size} != "
                          f"tokenizer vocab {pretrained.tokenizer.vocab_size}")
     if configs.to_dict(config.model).get("share_embeddings"):
-        raise ValueError(f"model.share_embeddings=True with {pretrained.source}: the pretrained "
+        raise errors.ConfigError(f"model.share_embeddings=True with {pretrained.source}: the pretrained "
                          f"encoder's vocabulary is the source side only; set it False")
     tok_cfg = configs.section(configs.TranslationTokenizerConfig, config.tokenizer, "tokenizer")
     target_tok = target_tokenizer(tok_cfg, side_config(tok_cfg), workdir, train_source, cache_dir,
@@ -282,7 +283,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     source_tok, target_tok, cfg, pretrained, joint = resolve_model(config, workdir, splits["train"],
                                                                    cache_dir)
     if data_cfg.max_len > min(cfg.encoder.max_len, cfg.max_target_len):
-        raise ValueError(f"data.max_len={data_cfg.max_len} exceeds model.max_len="
+        raise errors.ConfigError(f"data.max_len={data_cfg.max_len} exceeds model.max_len="
                          f"{cfg.encoder.max_len} or model.max_target_len={cfg.max_target_len}")
     if workdir and shard_index == 0:
         if pretrained is not None:
@@ -291,7 +292,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     tokenizers = (source_tok, target_tok)
     dropped, checked = data_lib.count_too_long(splits["train"], tokenizers, data_cfg.max_len)
     if dropped == checked:
-        raise ValueError(f"every training pair checked ({checked}) is empty or longer than "
+        raise errors.ConfigError(f"every training pair checked ({checked}) is empty or longer than "
                          f"data.max_len={data_cfg.max_len} tokens; raise data.max_len")
     log.info("training pairs: dropped %d of %d checked (longer than data.max_len=%d tokens or "
              "empty)", dropped, checked, data_cfg.max_len)
@@ -317,6 +318,8 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         summarize=summarize, tokens_in_batch=lambda b: int((b["target_segment_ids"] > 0).sum()
                                                           + (b["source_segment_ids"] > 0).sum()),
         init_from=init_from if wants_pretrained else None, eval_fn=eval_fn,
+        batch_rows={"data.batch_multiple": data_cfg.batch_multiple // shard_count,
+                    "translate.eval_batch_size": tr.eval_batch_size // shard_count},
         **evaluation_hooks(workdir, eval_examples, eval_source, target_tok, target_tok.sep_id,
                            tr.eval_batch_size, pad_lengths, tr.samples, shard_index,
                            shard_count))
@@ -345,13 +348,13 @@ def predict(config, run: workdir_lib.TrainedRun) -> str:
     from tqdm import tqdm
 
     if run.record.task != "translate":
-        raise FileNotFoundError(f"{run.workdir!r} holds no translation run ({workdir_lib.MODEL_FILE} "
+        raise errors.MissingFileError(f"{run.workdir!r} holds no translation run ({workdir_lib.MODEL_FILE} "
                                 f"task={run.record.task!r}): train a translation run there first")
     pred_cfg = configs.section(configs.PredictConfig, config.predict, "predict")
     tr = configs.section(configs.TranslateConfig, config.translate, "translate")
     data_cfg = configs.section(configs.TranslationDataConfig, config.data, "data")
     if not pred_cfg.input:
-        raise ValueError("--mode predict needs --config.predict.input=FILE (one sentence per line)")
+        raise errors.ConfigError("--mode predict needs --config.predict.input=FILE (one sentence per line)")
     lines = data_lib.read_source_lines(pred_cfg.input)
     target_tok = load_target_tokenizer(run.workdir, run.tokenizer, run.record)
     model = build_model(run.record)
