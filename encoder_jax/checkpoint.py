@@ -8,6 +8,7 @@ step (the newest that restores; damaged ones are set aside) > else initialise fr
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -62,6 +63,28 @@ class _IteratorSnapshot:
 
     def get_state(self) -> bytes:
         return self._state
+
+
+def restore_data_position(directory: str, data_iterator) -> None:
+    """Sets the iterator to the position saved in a checkpoint's `data/` directory.
+
+    Each process saved `process_<i>-of-<n>.json`. Every task's input pipeline reads one
+    global stream and each host keeps its rows, so all hosts hold the same position: a run
+    resumed on a different number of hosts takes process 0's.
+    """
+    own = os.path.join(directory, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if not os.path.isfile(own):
+        saved = sorted(glob.glob(os.path.join(directory, "process_*-of-*.json")))
+        if not saved:
+            raise errors.DataError(f"{directory} holds no data-iterator position (process_*.json)")
+        log.warning("%s was saved by %s processes, this run has %d: every process resumes the "
+                    "global data position from %s", directory, saved[0].rsplit("-of-", 1)[1][:-5],
+                    jax.process_count(), os.path.basename(saved[0]))
+        own = saved[0]
+    with open(own) as f:
+        data_iterator.set_state(json.loads(f.read()))
+    if hasattr(data_iterator, "start_prefetch"):
+        data_iterator.start_prefetch()
 
 
 class Checkpointer:
@@ -125,10 +148,11 @@ class Checkpointer:
                          f"{'; '.join(set_aside)}); remove the checkpoints/ directory to start over")
 
     def _restore_step(self, step: int, abstract_state: Any, data_iterator) -> Any:
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        state = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            restore_data_position(os.path.join(self.directory, str(step), "data"), data_iterator)
+        return state
 
     def _set_aside(self, step: int) -> str:
         """Moves a step's directory to <workdir>/checkpoints_corrupt/ (the lead process only)."""

@@ -21,18 +21,25 @@ def maybe_initialize_distributed() -> None:
     """Calls `jax.distributed.initialize()` when launched as one process of many.
 
     Cluster launchers (SLURM, Open MPI, TPU pods, Kubernetes JobSet) are detected
-    by JAX itself; JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
-    set the coordinator by hand.
+    by JAX itself; JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID set it up by hand (docs/scale.md).
     """
     import os
 
     markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-    if any(os.environ.get(m) for m in markers):
-        try:
-            jax.distributed.initialize()
-        except RuntimeError as e:  # already initialised, e.g. in notebooks
-            log.warning("jax.distributed.initialize skipped: %s", e)
+    if not any(os.environ.get(m) for m in markers):
+        return
+    by_hand = {}
+    for name, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if os.environ.get(name):
+            if not os.environ[name].isdigit():
+                raise errors.ConfigError(f"{name}={os.environ[name]!r} must be a non-negative integer")
+            by_hand[arg] = int(os.environ[name])
+    try:
+        jax.distributed.initialize(**by_hand)
+    except RuntimeError as e:  # already initialised, e.g. in notebooks
+        log.warning("jax.distributed.initialize skipped: %s", e)
 
 
 def make_mesh(fsdp: int = 1, devices=None) -> Mesh:

@@ -17,6 +17,8 @@ Your own corpus (txt one document per line / blank-line blocks / WikiExtractor, 
 import ml_collections
 from ml_collections import config_dict
 
+from encoder_jax.errors import ConfigError
+
 VARIANTS = ("default", "smoke", "small", "base", "large")
 
 # (num_layers, hidden_dim, num_heads, mlp_dim)
@@ -27,7 +29,7 @@ SHAPES = {"smoke": (1, 32, 2, 64), "default": (2, 128, 2, 512), "small": (4, 256
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "default"
     if variant not in VARIANTS:
-        raise ValueError(f"bert_mlm variant {variant!r}; valid: {list(VARIANTS)}")
+        raise ConfigError(f"bert_mlm variant {variant!r}; valid: {list(VARIANTS)}")
     c = ml_collections.ConfigDict()
     c.task = "mlm"
     c.seed = 0  # seeds init, data order, masks and dropout

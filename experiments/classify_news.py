@@ -38,6 +38,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from encoder_jax.errors import ConfigError
+
 VARIANTS = ("ag_news", "ag_news_tfds", "thucnews", "csv", "smoke")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +54,7 @@ def shared_data(*parts: str) -> str:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "ag_news"
     if variant not in VARIANTS:
-        raise ValueError(f"classify_news variant {variant!r}; valid: {list(VARIANTS)}")
+        raise ConfigError(f"classify_news variant {variant!r}; valid: {list(VARIANTS)}")
     smoke = variant == "smoke"
     c = ml_collections.ConfigDict()
     c.task = "classify"

@@ -22,6 +22,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from encoder_jax.errors import ConfigError
+
 VARIANTS = ("demo", "smoke", "tatoeba", "wmt")
 # (encoder layers, decoder layers, hidden, heads, feed-forward)
 SHAPES = {"smoke": (1, 1, 32, 2, 64), "demo": (2, 2, 128, 4, 512), "tatoeba": (3, 3, 256, 4, 1024),
@@ -37,7 +39,7 @@ def shared_file(*parts: str) -> str | None:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "demo"
     if variant not in VARIANTS:
-        raise ValueError(f"translate_zh_en variant {variant!r}; valid: {list(VARIANTS)}")
+        raise ConfigError(f"translate_zh_en variant {variant!r}; valid: {list(VARIANTS)}")
     small = variant in ("smoke", "demo")
     c = ml_collections.ConfigDict()
     c.task = "translate"

@@ -129,6 +129,26 @@ def test_eval_pass_keeps_every_token_and_pads_the_last_batch(tokenizer):
     assert (batches[-1]["segment_ids"][-1] == 0).all() or real == len(batches) * 4 * 32
 
 
+def test_hosts_split_the_same_global_batches_and_eval_passes_are_equally_long(tokenizer):
+    """Two hosts' rows, stacked, are the one-host batch: data order and checkpointed positions
+    do not depend on the host count, and no host runs out of eval batches before another."""
+    docs = _source(make_documents(40, seed=2))
+    one = iter(mlm_packing.mlm_train_dataset(docs, tokenizer, seq_len=16, batch_size=4, seed=1))
+    hosts = [iter(mlm_packing.mlm_train_dataset(docs, tokenizer, seq_len=16, batch_size=2, seed=1,
+                                                shard_index=i, shard_count=2)) for i in (0, 1)]
+    for _ in range(3):
+        whole, parts = next(one), [next(h) for h in hosts]
+        for key in whole:
+            np.testing.assert_array_equal(whole[key], np.concatenate([p[key] for p in parts]))
+    assert hosts[0].get_state() == hosts[1].get_state() == one.get_state()
+    evals = [list(mlm_packing.mlm_eval_batches(docs[:7], tokenizer, seq_len=16, batch_size=3,
+                                               shard_index=i, shard_count=2)) for i in (0, 1)]
+    whole = list(mlm_packing.mlm_eval_batches(docs[:7], tokenizer, seq_len=16, batch_size=6))
+    assert len(evals[0]) == len(evals[1]) == len(whole) >= 2
+    np.testing.assert_array_equal(whole[-1]["ids"], np.concatenate([evals[0][-1]["ids"],
+                                                                    evals[1][-1]["ids"]]))
+
+
 def test_iterator_state_resumes_the_exact_position(tokenizer):
     make = lambda: mlm_packing.mlm_train_dataset(_source(make_documents(30)), tokenizer, seq_len=16,
                                                  batch_size=2, seed=3)

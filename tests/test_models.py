@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from encoder_jax.layers import EncoderConfig, attention_mask
+from encoder_jax.layers import (EncoderBlock, EncoderConfig, FeedForward, SelfAttention,
+                                attention_mask, layer_norm, residual)
 from encoder_jax.models import BertEncoder, BertForClassification, BertForMaskedLM
 
 
@@ -111,17 +112,69 @@ def test_sparse_head_matches_dense_positions():
     np.testing.assert_allclose(sparse[0], dense[0, jnp.array([4, 1])], atol=1e-5)
 
 
-def test_pre_norm_and_remat_variants_run():
+def test_remat_gives_the_same_encoder_output():
     ids = _ids((2, 6))
     base = BertEncoder(CFG)
     params = _init(base, ids)
     remat = BertEncoder(EncoderConfig(**{**CFG.__dict__, "remat": True}))
     np.testing.assert_allclose(base.apply({"params": params}, ids)[0],
                                remat.apply({"params": params}, ids)[0], atol=1e-6)
-    pre = BertEncoder(EncoderConfig(**{**CFG.__dict__, "pre_norm": True}))
-    pre_params = _init(pre, ids)
-    assert "final_norm" in pre_params
-    assert pre.apply({"params": pre_params}, ids)[0].shape == (2, 6, 32)
+
+
+def test_residual_puts_the_norm_before_the_sublayer_or_after_the_sum():
+    x = jnp.arange(6.0).reshape(1, 2, 3)
+    sublayer, norm = (lambda h: 2 * h + 1), (lambda h: h / 3 - 1)
+    no_dropout = lambda h, deterministic: h
+    np.testing.assert_allclose(residual(x, sublayer, norm, no_dropout, True, True),
+                               x + sublayer(norm(x)))
+    np.testing.assert_allclose(residual(x, sublayer, norm, no_dropout, False, True),
+                               norm(x + sublayer(x)))
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_encoder_equals_a_hand_written_pre_or_post_ln_forward(pre_norm):
+    """The whole encoder against its definition, block by block from the same parameters."""
+    cfg = EncoderConfig(**{**CFG.__dict__, "pre_norm": pre_norm})
+    model, ids = BertEncoder(cfg), _ids((2, 6))
+    params = _init(model, ids)
+    assert ("final_norm" in params) == pre_norm
+    x = model.apply({"params": params}, ids, method=lambda m, i: m.embed_norm(
+        m.token_embed(i) + m.position_embed(jnp.arange(6)[None]) + m.type_embed(jnp.zeros_like(i))))
+    mask = attention_mask(jnp.ones((2, 6), jnp.int32))
+    for index in range(cfg.num_layers):
+        p = params[f"block_{index}"]
+        norm = lambda name, h: layer_norm(cfg, name).apply({"params": p[name]}, h)
+        attend = lambda h: SelfAttention(cfg).apply({"params": p["attention"]}, h, mask)
+        mlp = lambda h: FeedForward(cfg).apply({"params": p["mlp"]}, h)
+        if pre_norm:
+            x = x + attend(norm("attention_norm", x))
+            x = x + mlp(norm("mlp_norm", x))
+        else:
+            x = norm("attention_norm", x + attend(x))
+            x = norm("mlp_norm", x + mlp(x))
+    if pre_norm:
+        x = layer_norm(cfg, "final_norm").apply({"params": params["final_norm"]}, x)
+    np.testing.assert_allclose(model.apply({"params": params}, ids)[0], x, atol=2e-5)
+
+
+def test_gradients_never_cross_packed_documents_with_dropout_on():
+    """Training mode, dropout 0.3 on hidden states and attention probabilities: the output of
+    document A has exactly zero gradient with respect to every input of document B."""
+    cfg = EncoderConfig(**{**CFG.__dict__, "dropout_rate": 0.3, "attention_dropout_rate": 0.3})
+    block = EncoderBlock(cfg)
+    x = jax.random.normal(jax.random.key(1), (1, 9, 32))
+    mask = attention_mask(jnp.array([[1] * 5 + [2] * 4]))
+    params = block.init(jax.random.key(0), x, mask)["params"]
+
+    def doc_a_output(inputs, key):
+        out = block.apply({"params": params}, inputs, mask, False, rngs={"dropout": key})
+        return (out[:, :5] * jnp.arange(1.0, 6.0)[None, :, None]).sum()
+
+    for seed in range(3):
+        grads = jax.grad(doc_a_output)(x, jax.random.key(seed))
+        assert float(jnp.abs(grads[:, :5]).sum()) > 0
+        np.testing.assert_array_equal(grads[:, 5:], 0.0)
+    assert not np.allclose(doc_a_output(x, jax.random.key(0)), doc_a_output(x, jax.random.key(1)))
 
 
 def test_dropout_is_active_only_in_training():
@@ -138,13 +191,22 @@ def test_dropout_is_active_only_in_training():
     np.testing.assert_array_equal(train(1), train(1))
 
 
-def test_classifier_head_shapes_for_both_poolings():
-    ids = _ids((3, 7))
+def test_classifier_pools_the_first_token_or_the_mean_of_real_tokens():
+    ids = _ids((2, 7))
+    mask = jnp.array([[True] * 7, [True] * 4 + [False] * 3])
     for pooling in ("first", "mean"):
         model = BertForClassification(CFG, num_classes=5, pooling=pooling)
         params = _init(model, ids)
-        logits = model.apply({"params": params}, ids, mask=jnp.ones((3, 7), bool))
-        assert logits.shape == (3, 5) and logits.dtype == jnp.float32
+        logits = model.apply({"params": params}, ids, mask=mask)
+        assert logits.shape == (2, 5) and logits.dtype == jnp.float32
+        hidden, pooled = BertEncoder(CFG).apply({"params": params["encoder"]}, ids, mask=mask)
+        if pooling == "mean":
+            pooled = jnp.stack([hidden[0].mean(0), hidden[1, :4].mean(0)])
+        head = params["classifier"]
+        np.testing.assert_allclose(logits, pooled @ head["kernel"] + head["bias"][None], atol=1e-5)
+        padded_changed = ids.at[1, 4:].set(_ids((3,), seed=9))
+        np.testing.assert_allclose(model.apply({"params": params}, padded_changed, mask=mask),
+                                   logits, atol=1e-6)
 
 
 def test_bad_model_config_names_the_field():

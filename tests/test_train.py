@@ -57,15 +57,44 @@ def test_interrupted_run_resumes_to_the_same_parameters(corpus_files, data_cache
     assert steps == [1, 2, 3, 4, 5, 6], "each step logged once across the two runs"
 
 
-def test_gradient_accumulation_matches_one_big_batch(corpus_files, data_cache, tmp_path):
-    common = {"train.num_steps": 2, "eval.every_steps": 100, "model.dropout_rate": 0.0,
-              "model.attention_dropout_rate": 0.0, "opt.name": "sgd", "opt.grad_clip_norm": 0.0}
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    train.run(tiny_config(corpus_files, data_cache, **common), one)
-    train.run(tiny_config(corpus_files, data_cache, **common, **{"opt.grad_accum_steps": 2}), two)
-    # Masks are drawn per micro-batch, so the runs differ slightly; both must learn the same way.
-    a, b = _metrics(one)[-1], _metrics(two)[-1]
-    assert abs(a["loss"] - b["loss"]) < 0.2 and abs(a["grad_norm"] - b["grad_norm"]) < 0.5 * a["grad_norm"]
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_gradient_accumulation_equals_one_big_batch_past_warmup(name):
+    """The trainer's step with 2 or 4 micro-batches of an 8-row batch gives the same metrics and
+    parameters as one 8-row batch, over 4 steps of which 2 are past warm-up (clipping on)."""
+    import jax.numpy as jnp
+
+    from encoder_jax import configs
+    from encoder_jax.tasks.base import Task, stateless
+
+    def loss(params, batch, rng, train_mode):
+        del rng, train_mode
+        err_B = batch["x"] @ params["w"] + params["b"] - batch["y"]
+        rows = jnp.float32(err_B.shape[0])
+        return jnp.mean(err_B ** 2), {"loss": jnp.mean(err_B ** 2) * rows, "denominator": rows}
+
+    task = Task(name="toy", init_params=lambda rng: {"w": jax.random.normal(rng, (6,)),
+                                                     "b": jnp.zeros(())},
+                loss_fn=stateless(loss), train_data=None, example_batch={}, summarize=dict)
+    data = np.random.default_rng(0)
+    batches = [{"x": data.normal(size=(8, 6)).astype(np.float32),
+                "y": data.normal(size=8).astype(np.float32)} for _ in range(4)]
+    tx, schedule = optim.build_optimizer(configs.OptConfig(
+        name=name, learning_rate=0.05, warmup_steps=2, schedule="constant", grad_clip_norm=5.0), 10)
+    runs = {}
+    for accum in (1, 2, 4):
+        step = jax.jit(train.make_train_step(task, tx, schedule, accum))
+        state = train.init_train_state(task, tx, jax.random.key(0))
+        start = state["params"]
+        losses = []
+        for batch in batches:
+            state, metrics = step(state, batch, jax.random.key(1))
+            losses.append(float(metrics["loss"]))
+        runs[accum] = (state["params"], losses)
+    assert float(jnp.abs(runs[1][0]["w"] - start["w"]).sum()) > 1e-3, "the steps moved the params"
+    for accum in (2, 4):
+        np.testing.assert_allclose(runs[accum][1], runs[1][1], rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(runs[accum][0]), jax.tree_util.tree_leaves(runs[1][0])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 _MULTI_DEVICE = r"""
@@ -73,33 +102,86 @@ import json, sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 import jax
 from conftest import tiny_config
-from encoder_jax import train, checkpoint
+from encoder_jax import train, checkpoint, parallel
+parallel.maybe_initialize_distributed()  # JAX_COORDINATOR_ADDRESS etc. when one of several processes
 assert jax.device_count() == {devices}, jax.devices()
 cfg = tiny_config({files!r}, {cache!r}, **{overrides!r})
 train.run(cfg, {workdir!r})
+# The state as the trainer holds it (restored with its shardings): which leaves are split.
+s = train.setup(cfg, train.TrainerConfig.from_config(cfg), {workdir!r})
+leaves = jax.tree_util.tree_leaves(s.state)
+print(json.dumps({{"leaves": len(leaves),
+                  "sharded": sum(not x.sharding.is_fully_replicated for x in leaves)}}))
 """
 
 
-def _run_on_devices(devices, corpus_files, data_cache, workdir, overrides):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+def _run_on_devices(devices, corpus_files, data_cache, workdir, overrides, processes=1):
+    """Trains in `processes` processes (jax.distributed on localhost) with `devices` in all."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     code = _MULTI_DEVICE.format(root=ROOT, tests=os.path.join(ROOT, "tests"), devices=devices,
                                 files=corpus_files, cache=data_cache, overrides=overrides,
                                 workdir=workdir)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // processes}"}
+    if processes > 1:
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes))
+    procs = [subprocess.Popen([sys.executable, "-c", code], text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**env, "JAX_PROCESS_ID": str(i)})
+             for i in range(processes)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr[-3000:]
+    return json.loads(outputs[0][0].strip().splitlines()[-1])
 
 
-def test_one_device_and_eight_devices_give_the_same_step(corpus_files, data_cache, tmp_path):
-    overrides = {"train.num_steps": 3, "eval.every_steps": 3, "ckpt.every_steps": 3}
-    one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
-    _run_on_devices(1, corpus_files, data_cache, one, overrides)
-    _run_on_devices(8, corpus_files, data_cache, eight, {**overrides, "mesh.fsdp": 2})
-    for a, b in zip(_params(one), _params(eight)):
+@pytest.fixture(scope="module")
+def one_device_run(corpus_files, data_cache, tmp_path_factory):
+    """Three MLM smoke steps on one device: what every device layout must reproduce."""
+    workdir = str(tmp_path_factory.mktemp("one_device") / "run")
+    _run_on_devices(1, corpus_files, data_cache, workdir, _LAYOUT_STEPS)
+    return workdir
+
+
+_LAYOUT_STEPS = {"train.num_steps": 3, "eval.every_steps": 3, "ckpt.every_steps": 3}
+_SHARDED = {"mesh.fsdp": 2, "mesh.min_shard_size": 256}  # below the smoke model's matrices
+
+
+def _assert_same_run(one, other):
+    for a, b in zip(_params(one), _params(other), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
-    a, b = _metrics(one, "eval")[-1], _metrics(eight, "eval")[-1]
-    assert a["denominator"] if "denominator" in a else True
-    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    a, b = _metrics(one, "eval")[-1], _metrics(other, "eval")[-1]
+    for name in ("loss", "accuracy"):
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5)
+    np.testing.assert_allclose([r["loss"] for r in _metrics(one)],
+                               [r["loss"] for r in _metrics(other)], rtol=1e-5)
+
+
+def test_one_device_and_eight_fsdp_sharded_devices_give_the_same_steps(
+        corpus_files, data_cache, tmp_path, one_device_run):
+    """Eight devices as 4 data x 2 fsdp, with parameters and optimizer state really split:
+    the same steps, eval and parameters as one device."""
+    eight = str(tmp_path / "eight")
+    layout = _run_on_devices(8, corpus_files, data_cache, eight, {**_LAYOUT_STEPS, **_SHARDED})
+    assert layout["sharded"] >= 10, layout  # embeddings, attention and MLP kernels, their moments
+    _assert_same_run(one_device_run, eight)
+
+
+def test_two_processes_train_checkpoint_resume_and_match_one_device(
+        corpus_files, data_cache, tmp_path, one_device_run):
+    """jax.distributed on localhost: 2 processes x 2 CPU devices (gloo collectives), FSDP
+    across the processes; 2 steps, checkpoint, exit, resume for the third: equal to one device."""
+    workdir = str(tmp_path / "two_processes")
+    overrides = {**_LAYOUT_STEPS, **_SHARDED, "ckpt.every_steps": 2}
+    _run_on_devices(4, corpus_files, data_cache, workdir,
+                    {**overrides, "train.max_steps_per_run": 2}, processes=2)
+    assert checkpoint.Checkpointer(workdir).latest_step() == 2
+    layout = _run_on_devices(4, corpus_files, data_cache, workdir, overrides, processes=2)
+    assert layout["sharded"] >= 10, layout
+    assert checkpoint.Checkpointer(workdir).latest_step() == 3
+    _assert_same_run(one_device_run, workdir)
 
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)

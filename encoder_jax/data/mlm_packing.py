@@ -53,13 +53,19 @@ def mlm_train_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size:
                       seed: int, text_field: str = "text", shard_index: int = 0,
                       shard_count: int = 1, workers: int = 0, prefetch: int = 2
                       ) -> grain.IterDataset:
-    """Infinite, per-epoch reshuffled stream of packed batches for this host's shard.
+    """Infinite, per-epoch reshuffled stream of this host's `batch_size` rows of each global batch.
 
-    Its iterator's `get_state` / `set_state` let checkpoints resume the exact data position.
+    Every host packs the same global stream (all documents, one shuffle) and keeps its own
+    rows, so the global batches, and a checkpoint's iterator position, are the same for
+    any number of hosts (a run may resume on a different host count). The price: each
+    host tokenizes the whole stream. `get_state` / `set_state` resume the exact position.
     """
-    dataset = grain.MapDataset.source(source)[shard_index::shard_count]
-    dataset = dataset.shuffle(seed=seed).repeat().map(TokenizeDocument(tokenizer, text_field))
-    dataset = _pack(dataset.to_iter_dataset(), seq_len).batch(batch_size, drop_remainder=True)
+    dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    dataset = dataset.map(TokenizeDocument(tokenizer, text_field))
+    dataset = _pack(dataset.to_iter_dataset(), seq_len).batch(batch_size * shard_count,
+                                                              drop_remainder=True)
+    if shard_count > 1:
+        dataset = dataset.map(HostRows(shard_index * batch_size, (shard_index + 1) * batch_size))
     if workers > 0:
         _ensure_absl_flags_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
@@ -78,14 +84,31 @@ def _ensure_absl_flags_parsed() -> None:
 def mlm_eval_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                      text_field: str = "text", shard_index: int = 0, shard_count: int = 1,
                      max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """One ordered pass over the split; the last batch is zero-padded, never dropped."""
-    dataset = grain.MapDataset.source(source)[shard_index::shard_count]
+    """One ordered pass over the split; the last batch is zero-padded, never dropped.
+
+    Like training, every host packs the whole split and keeps its rows of each global
+    batch, so all hosts yield the same number of batches (no host waits on a collective
+    the others never join).
+    """
+    dataset = grain.MapDataset.source(source)
     dataset = dataset.map(TokenizeDocument(tokenizer, text_field)).to_iter_dataset()
-    dataset = _pack(dataset, seq_len).batch(batch_size, drop_remainder=False)
+    global_rows = batch_size * shard_count
+    dataset = _pack(dataset, seq_len).batch(global_rows, drop_remainder=False)
+    take = HostRows(shard_index * batch_size, (shard_index + 1) * batch_size)
     for i, batch in enumerate(dataset):
         if max_batches is not None and i >= max_batches:
             return
-        yield pad_rows(batch, batch_size)
+        yield take(pad_rows(batch, global_rows))
+
+
+class HostRows:
+    """A global batch -> this host's rows [start, stop) (a class: grain workers pickle it)."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v[self.start:self.stop] for k, v in batch.items()}
 
 
 def example_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:

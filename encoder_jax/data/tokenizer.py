@@ -30,14 +30,19 @@ class SentencePieceTokenizer:
 
     FILENAME = "tokenizer.model"
 
-    def __init__(self, model_proto: bytes, word_segmenter: str = "auto"):
+    def __init__(self, model_proto: bytes, word_segmenter: str = "auto",
+                 source: str = "the sentencepiece model"):
         import sentencepiece as spm
 
         if word_segmenter not in WORD_SEGMENTERS:
             raise errors.DataError(f"tokenizer.word_segmenter={word_segmenter!r}; valid: {list(WORD_SEGMENTERS)}")
         self._proto = model_proto
         self.word_segmenter = word_segmenter
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:  # sentencepiece's parse error names only its own source line
+            raise errors.DataError(f"{source}: not a readable sentencepiece model (truncated or "
+                                   f"corrupt?): {str(e).strip()[:160]}") from None
         ids = {piece: self._sp.piece_to_id(piece) for piece in SPECIAL_TOKENS}
         missing = [p for p, i in ids.items() if i == self._sp.unk_id() and p != "[UNK]"]
         if missing:
@@ -64,7 +69,7 @@ class SentencePieceTokenizer:
         if not os.path.isfile(path):
             raise errors.MissingFileError(f"tokenizer.model_file={path!r} does not exist")
         with open(path, "rb") as f:
-            return cls(f.read(), word_segmenter)
+            return cls(f.read(), word_segmenter, source=path)
 
     @classmethod
     def train(cls, texts: Iterable[str], *, vocab_size: int, model_type: str = "unigram",
