@@ -74,6 +74,12 @@ def tiny_config(corpus_files, data_cache, **overrides):
 
 
 def pytest_configure(config):
+    # One persistent XLA compilation cache for the session, its xdist workers and every
+    # subprocess they start (launch.py runs): the same tiny programs compile once.
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="encoder_jax_jit_cache_")
     import jax
 
     jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -142,6 +142,27 @@ def test_unwritable_workdir(tmp_path):
     assert _last_line(result).startswith(f"error: --workdir '{blocker}/run' is not writable")
 
 
+def test_kill_9_during_a_checkpoint_save_then_a_rerun_ends_as_the_uninterrupted_run(
+        tmp_path, cache_env, good_mlm_run):
+    """SIGKILL the moment a checkpoint save has started (a half-written step directory), rerun
+    the same command: the run finishes with exactly the uninterrupted run's parameters."""
+    import random
+    import shutil
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import fault_sweep
+
+    good, corpus = good_mlm_run
+    workdir = str(tmp_path / "run")
+    args = ["--config", f"{MLM}:smoke", "--workdir", workdir, *corpus, "--config.ckpt.every_steps=1"]
+    point = fault_sweep.kill_once(args, {**os.environ, **cache_env}, workdir, "save", random.Random(0))
+    assert point["during_save"] and not point["finished_first"] and point["returncode"] == -9, point
+    rerun = launch(*args, env=cache_env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert fault_sweep.same_params(workdir, str(good))
+    shutil.rmtree(workdir)
+
+
 def test_sigterm_checkpoints_the_step_in_flight_and_a_rerun_continues(tmp_path, cache_env):
     import json
     import signal

@@ -41,10 +41,35 @@ def test_loss_falls_on_a_tiny_corpus(corpus_files, data_cache, tmp_path):
     assert json.load(open(tmp_path / "config.json"))["opt"]["name"] == "adamw"
 
 
-def test_interrupted_run_resumes_to_the_same_parameters(corpus_files, data_cache, tmp_path):
-    overrides = {"train.num_steps": 6, "ckpt.every_steps": 2, "eval.every_steps": 100}
-    straight, sliced = str(tmp_path / "straight"), str(tmp_path / "sliced")
-    train.run(tiny_config(corpus_files, data_cache, **overrides), straight)
+_SIX = {"train.num_steps": 6, "ckpt.every_steps": 2, "eval.every_steps": 100}
+
+
+@pytest.fixture(scope="module")
+def straight_six(corpus_files, data_cache, tmp_path_factory):
+    """Six uninterrupted steps, checkpoints every 2: what every interrupted run must end as."""
+    workdir = str(tmp_path_factory.mktemp("straight") / "run")
+    train.run(tiny_config(corpus_files, data_cache, **_SIX), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def four_of_six(corpus_files, data_cache, tmp_path_factory):
+    """The first 4 of those steps (num_steps=4: the schedule agrees with the 6-step run up to
+    step 2, the checkpoint the damage tests fall back to)."""
+    workdir = str(tmp_path_factory.mktemp("four") / "run")
+    train.run(tiny_config(corpus_files, data_cache, **{**_SIX, "train.num_steps": 4}), workdir)
+    return workdir
+
+
+def _copy(source, tmp_path, name="run"):
+    import shutil
+
+    return shutil.copytree(source, str(tmp_path / name))
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(corpus_files, data_cache, tmp_path,
+                                                        straight_six):
+    overrides, straight, sliced = _SIX, straight_six, str(tmp_path / "sliced")
     stop = tiny_config(corpus_files, data_cache, **overrides, **{"train.max_steps_per_run": 3})
     train.run(stop, sliced)
     assert checkpoint.Checkpointer(sliced).latest_step() == 3
@@ -273,11 +298,8 @@ def _damage(step_dir):
 
 
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumes_exactly(
-        corpus_files, data_cache, tmp_path, caplog):
-    overrides = {"train.num_steps": 6, "ckpt.every_steps": 2, "eval.every_steps": 100}
-    straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")
-    train.run(tiny_config(corpus_files, data_cache, **overrides), straight)
-    train.run(tiny_config(corpus_files, data_cache, **{**overrides, "train.num_steps": 4}), damaged)
+        corpus_files, data_cache, tmp_path, caplog, straight_six, four_of_six):
+    overrides, straight, damaged = _SIX, straight_six, _copy(four_of_six, tmp_path)
     _damage(os.path.join(damaged, "checkpoints", "4"))
     with caplog.at_level("WARNING", logger="encoder_jax"):
         train.run(tiny_config(corpus_files, data_cache, **overrides), damaged)
@@ -289,28 +311,26 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumes_e
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_when_no_checkpoint_restores_the_error_names_them(corpus_files, data_cache, tmp_path):
-    overrides = {"train.num_steps": 4, "ckpt.every_steps": 2, "eval.every_steps": 100}
-    workdir = str(tmp_path / "run")
-    train.run(tiny_config(corpus_files, data_cache, **overrides), workdir)
+def test_when_no_checkpoint_restores_the_error_names_them(corpus_files, data_cache, tmp_path,
+                                                         four_of_six):
+    overrides, workdir = _SIX, _copy(four_of_six, tmp_path)
     for step in ("2", "4"):
         _damage(os.path.join(workdir, "checkpoints", step))
     with pytest.raises(ValueError, match=r"no checkpoint in .* restores \(set aside: step 4 -> .*"
                                          r"step 2 -> "):
-        train.run(tiny_config(corpus_files, data_cache, **{**overrides, "train.num_steps": 6}), workdir)
+        train.run(tiny_config(corpus_files, data_cache, **overrides), workdir)
 
 
-def test_a_crash_between_checkpoints_leaves_every_step_logged_once(corpus_files, data_cache, tmp_path):
+def test_a_crash_between_checkpoints_leaves_every_step_logged_once(corpus_files, data_cache, tmp_path,
+                                                                   four_of_six):
     """Steps 3-4 logged but their checkpoint lost (as a crash after logging leaves it), and a
     torn last line: the resumed run drops them and logs 3-6 once."""
     import shutil
 
-    overrides = {"train.num_steps": 4, "ckpt.every_steps": 2, "eval.every_steps": 100}
-    workdir = str(tmp_path / "run")
-    train.run(tiny_config(corpus_files, data_cache, **overrides), workdir)
+    workdir = _copy(four_of_six, tmp_path)
     shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.write('{"step": 5, "split": "tr')  # killed mid-write
-    train.run(tiny_config(corpus_files, data_cache, **{**overrides, "train.num_steps": 6}), workdir)
+    train.run(tiny_config(corpus_files, data_cache, **_SIX), workdir)
     train_steps = [r["step"] for r in _metrics(workdir) if r["split"] == "train"]
     assert train_steps == [1, 2, 3, 4, 5, 6]
