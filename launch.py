@@ -121,12 +121,22 @@ def error_line(error: BaseException) -> str | None:
     return None
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, its errors (bad --mode, a value of the wrong type) as one line."""
+    from encoder_jax import errors
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        raise errors.ConfigError(str(e)) from None
+
+
 def run_main():
     from encoder_jax.preemption import EXIT_CODE, Preempted
 
     try:
         check_config_overrides(sys.argv[1:])
-        app.run(main)
+        app.run(main, flags_parser=parse_flags)
     except Preempted as e:  # SIGTERM / Ctrl-C: the step in flight finished and was checkpointed
         print(str(e), file=sys.stderr)
         sys.exit(EXIT_CODE)

@@ -256,8 +256,8 @@ def _mlm(*extra: str):
                                    *files["corpus"], *extra]
 
 
-def _mlm_with(key: str, *extra: str):
-    """MLM smoke with one prepared file as an override value: --config.<field>=files[key]."""
+def _mlm_with(*extra: str):
+    """MLM smoke with prepared files in overrides: "--config.data.files.train={latin1}"."""
     return lambda files, workdir: _mlm()(files, workdir) + [x.format(**files) for x in extra]
 
 
@@ -319,15 +319,15 @@ BAD_INPUTS: list[BadInput] = [
     # files
     BadInput("missing train file", _mlm("--config.data.files.train=/nonexistent/train.txt"),
              "data.files.train", on_finished_run=False),
-    BadInput("non-UTF-8 corpus", _mlm_with("latin1", "--config.data.files.train={latin1}"),
+    BadInput("non-UTF-8 corpus", _mlm_with("--config.data.files.train={latin1}"),
              "is not UTF-8 at line", on_finished_run=False),
-    BadInput("empty corpus", _mlm_with("empty", "--config.data.files.train={empty}"), "empty",
+    BadInput("empty corpus", _mlm_with("--config.data.files.train={empty}"), "empty",
              on_finished_run=False),
-    BadInput("corpus smaller than a batch", _mlm_with("tiny", "--config.data.files.train={tiny}"),
+    BadInput("corpus smaller than a batch", _mlm_with("--config.data.files.train={tiny}"),
              "fewer than one batch", on_finished_run=False),
     BadInput("missing tokenizer file", _mlm("--config.tokenizer.model_file=/nonexistent.model"),
              "tokenizer.model_file", on_finished_run=False),
-    BadInput("corrupt tokenizer file", _mlm_with("garbage", "--config.tokenizer.model_file={garbage}"),
+    BadInput("corrupt tokenizer file", _mlm_with("--config.tokenizer.model_file={garbage}"),
              "not a readable sentencepiece model", on_finished_run=False),
     BadInput("CSV cell past the limit", _classify("--config.data.files.train={huge_cell}",
                                                   "--config.data.files.validation={huge_cell}"),

@@ -196,3 +196,59 @@ def test_sigterm_checkpoints_the_step_in_flight_and_a_rerun_continues(tmp_path, 
     logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()
               if json.loads(x)["split"] == "train"]
     assert logged == list(range(1, step + 3))
+
+
+_SWEEP_SAMPLE = ("int field given text", "unknown mode", "batch not divisible by accumulation",
+                 "corrupt tokenizer in the workdir", "no checkpoint restores")
+
+
+@pytest.mark.parametrize("name", _SWEEP_SAMPLE)
+def test_fault_sweep_bad_inputs_sample(name, tmp_path, cache_env, good_mlm_run):
+    """A sample of benchmarks/fault_sweep.py's 48 bad inputs, through the sweep's own check:
+    exit status 1, one line naming the field or file, no traceback, the workdir unchanged."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import fault_sweep
+
+    assert len(fault_sweep.BAD_INPUTS) >= 40
+    case = next(c for c in fault_sweep.BAD_INPUTS if c.name == name)
+    files = fault_sweep.prepare_files(str(tmp_path / "files"), good_mlm_run[1])
+    row = fault_sweep.check_bad_input(case, files, str(good_mlm_run[0]), str(tmp_path / "runs"),
+                                      {**os.environ, **cache_env})
+    assert row["returncode"] == 1 and row["one_line"] and row["workdir_intact"], row
+
+
+def test_a_full_disk_is_one_line_and_only_errors_of_the_project_are_shortened():
+    import errno
+
+    import launch as launch_module
+    from encoder_jax import errors
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/x/metrics.jsonl")
+    assert launch_module.error_line(full).startswith(
+        "no space left on the device writing /runs/x/metrics.jsonl (No space left on device)")
+    assert launch_module.error_line(errors.ConfigKeyError("unknown config key 'a.b'")) == \
+        "unknown config key 'a.b'"
+    for bug in (KeyError("params"), TypeError("unsupported operand"), ValueError("shapes differ"),
+                FileNotFoundError(2, "No such file")):
+        assert launch_module.error_line(bug) is None, bug  # a bug keeps its traceback
+
+
+def test_a_save_the_disk_cannot_hold_is_refused_and_leaves_the_saved_ones(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    import jax.numpy as jnp
+
+    from encoder_jax import checkpoint, errors
+
+    saver = checkpoint.Checkpointer(str(tmp_path), use_async=False)
+    state = {"w": jnp.ones((256, 256))}
+    saver.save(1, state)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 100_000, 100_000))
+    with pytest.raises(errors.StorageError, match=r"0\.1 MiB free on the device of .*checkpoints, "
+                                                  r"a checkpoint needs about 1\.3 MiB"):
+        saver.save(2, state)
+    assert saver.latest_step() == 1 and sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    assert checkpoint.is_disk_full(ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']"))
+    saver.close()

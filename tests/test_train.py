@@ -334,3 +334,30 @@ def test_a_crash_between_checkpoints_leaves_every_step_logged_once(corpus_files,
     train.run(tiny_config(corpus_files, data_cache, **_SIX), workdir)
     train_steps = [r["step"] for r in _metrics(workdir) if r["split"] == "train"]
     assert train_steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_resumed_on_another_host_count_takes_the_global_data_position(tmp_path, monkeypatch,
+                                                                            caplog):
+    """Checkpoints hold process_<i>-of-<n>.json; a process that has none of its own (the host
+    count changed) takes process 0's: every host's position is the global stream's."""
+    import grain
+    import jax.numpy as jnp
+
+    saver = checkpoint.Checkpointer(str(tmp_path), use_async=False)
+    stream = iter(grain.MapDataset.range(100).to_iter_dataset())
+    for _ in range(7):
+        next(stream)
+    saver.save(1, {"w": jnp.zeros(3)}, stream)
+    saver.close()
+    data_dir = str(tmp_path / "checkpoints" / "1" / "data")
+    assert os.listdir(data_dir) == ["process_0-of-1.json"]
+    fresh = iter(grain.MapDataset.range(100).to_iter_dataset())
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with caplog.at_level("WARNING", logger="encoder_jax"):
+        checkpoint.restore_data_position(data_dir, fresh)
+    assert next(fresh) == 7
+    assert any("saved by 1 processes, this run has 2" in r.getMessage() for r in caplog.records)
+    os.remove(os.path.join(data_dir, "process_0-of-1.json"))
+    with pytest.raises(ValueError, match="holds no data-iterator position"):
+        checkpoint.restore_data_position(data_dir, fresh)
