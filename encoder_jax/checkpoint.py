@@ -200,19 +200,36 @@ def load_params(workdir: str, step: int | None = None) -> Any:
 def load_state(workdir: str, step: int | None = None) -> Any:
     """The whole train state of a run's checkpoint (latest, or `step`) on this process's first device.
 
-    Works whatever mesh saved it: every array is restored whole onto one device.
+    Works whatever mesh saved it: every array is restored whole onto one device. Without
+    `step`, a newest checkpoint that does not restore is named in a warning and the previous
+    one is read (nothing is moved: readers leave the run as it is).
     """
     manager = _reader(workdir)
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
+        steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+        if not steps:
             raise errors.MissingFileError(f"{workdir!r} holds no finished checkpoint")
-        metadata = manager.item_metadata(step)["state"]
-        tree = getattr(metadata, "item_metadata", None) or metadata
-        one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), tree)
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        return restored["state"]
+        failures = []
+        for candidate in steps:
+            try:
+                return _restore_on_one_device(manager, candidate)
+            except Exception as e:  # a damaged checkpoint: try the one before it
+                if step is not None:
+                    raise
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                log.warning("checkpoint step %d in %s does not restore (%s); reading an older one",
+                            candidate, manager.directory, reason)
+                failures.append(f"step {candidate} ({reason})")
+        raise errors.DataError(f"no checkpoint in {manager.directory} restores: {'; '.join(failures)}")
     finally:
         manager.close()
+
+
+def _restore_on_one_device(manager: ocp.CheckpointManager, step: int) -> Any:
+    metadata = manager.item_metadata(step)["state"]
+    tree = getattr(metadata, "item_metadata", None) or metadata
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), tree)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return restored["state"]

@@ -278,12 +278,30 @@ MINIMUMS: dict[type, dict[str, float]] = {
 }
 
 
+_TOKENIZER_CHOICES = {"model_type": ("unigram", "bpe"), "word_segmenter": ("whitespace", "jieba", "auto")}
+# Fields with a fixed set of values, checked when the section is read (before any work), so a
+# typo fails at once even where the value would only be used later (e.g. on a fresh tokenizer).
+CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
+    TextDataConfig: {"format": ("auto", "lines", "paragraphs", "wikiextractor", "csv", "tsv")},
+    ClassifyDataConfig: {"format": ("auto", "csv", "tsv"), "text_mode": ("join", "pair"),
+                         "label_format": ("auto", "index", "name")},
+    TranslationDataConfig: {"format": ("auto", "csv", "tsv")},
+    TokenizerConfig: _TOKENIZER_CHOICES,
+    TranslationTokenizerConfig: _TOKENIZER_CHOICES,
+    OptConfig: {"schedule": ("constant", "linear", "cosine", "rsqrt")},
+    EvalConfig: {"best_mode": ("auto", "max", "min")},
+}
+
+
 def check_minimums(cls: type, value: Any, name: str) -> None:
-    """A one-line error naming the first numeric field of `value` below its minimum."""
+    """A one-line error naming the first field of `value` below its minimum or not a choice."""
     for field, minimum in MINIMUMS.get(cls, {}).items():
         given = getattr(value, field)
         if given is not None and not given >= minimum:  # `not >=` also catches NaN
             raise errors.ConfigError(f"{name}.{field}={given!r} must be >= {minimum}")
+    for field, choices in CHOICES.get(cls, {}).items():
+        if getattr(value, field) not in choices:
+            raise errors.ConfigError(f"{name}.{field}={getattr(value, field)!r}; valid: {list(choices)}")
 
 
 def field_names(cls: type) -> tuple[str, ...]:

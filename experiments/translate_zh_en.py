@@ -139,6 +139,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every_steps = {"smoke": 2, "demo": 500}.get(variant, 1000)
     c.ckpt.keep = 3
+    c.ckpt.average_last = 0  # at the end, average the last N checkpoints' params (<= keep); 0: off
     c.ckpt.use_async = variant != "smoke"
 
     c.eval = ml_collections.ConfigDict()

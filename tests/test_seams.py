@@ -287,3 +287,22 @@ def test_the_last_checkpoints_are_averaged_evaluated_and_preferred(toy_task, tmp
     averaged = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl")))
                 if r["split"] == "averaged"]
     assert len(averaged) == 1 and averaged[0]["step"] == 6
+
+
+def test_config_choices_match_the_modules_that_use_them_and_fail_early():
+    from encoder_jax import configs, optim
+    from encoder_jax.data import classification, labels, sources, text, tokenizer
+
+    choices = configs.CHOICES
+    assert set(choices[configs.TextDataConfig]["format"]) == {"auto", *sources.FILE_FORMATS}
+    assert set(choices[configs.TokenizerConfig]["model_type"]) == set(tokenizer.MODEL_TYPES)
+    assert set(choices[configs.TokenizerConfig]["word_segmenter"]) == set(text.WORD_SEGMENTERS)
+    assert set(choices[configs.OptConfig]["schedule"]) == set(optim.SCHEDULES)
+    assert set(choices[configs.ClassifyDataConfig]["text_mode"]) == set(classification.TEXT_MODES)
+    assert set(choices[configs.ClassifyDataConfig]["label_format"]) == set(labels.LABEL_FORMATS)
+    with pytest.raises(ValueError, match=r"^tokenizer.model_type='word'; valid: \['unigram', 'bpe'\]$"):
+        configs.section(configs.TokenizerConfig, {"model_type": "word"}, "tokenizer")
+    with pytest.raises(ValueError, match=r"^opt.learning_rate=nan must be >= 0.0$"):
+        configs.section(configs.OptConfig, {"learning_rate": float("nan")}, "opt")
+    with pytest.raises(ValueError, match=r"^train.num_steps=0 must be >= 1$"):
+        configs.section(configs.TrainConfig, {"num_steps": 0}, "train")

@@ -361,3 +361,16 @@ def test_a_run_resumed_on_another_host_count_takes_the_global_data_position(tmp_
     os.remove(os.path.join(data_dir, "process_0-of-1.json"))
     with pytest.raises(ValueError, match="holds no data-iterator position"):
         checkpoint.restore_data_position(data_dir, fresh)
+
+
+def test_readers_skip_a_damaged_newest_checkpoint_without_moving_it(tmp_path, four_of_six, caplog):
+    """predict / export / init_from read the newest checkpoint that restores; the run is left as is."""
+    workdir = _copy(four_of_six, tmp_path)
+    _damage(os.path.join(workdir, "checkpoints", "4"))
+    with caplog.at_level("WARNING", logger="encoder_jax"):
+        params = jax.tree_util.tree_leaves(checkpoint.load_params(workdir))
+    assert any("checkpoint step 4" in r.getMessage() for r in caplog.records)
+    for a, b in zip(params, jax.tree_util.tree_leaves(checkpoint.load_params(four_of_six, 2)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]

@@ -6,7 +6,9 @@ replays exactly the masks of the run it continues.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -14,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from encoder_jax import errors
-from encoder_jax import configs, metrics, pretrained as pretrained_lib
+from encoder_jax import configs, errors, metrics, pretrained as pretrained_lib
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import mlm_packing, sources, tokenizer as tokenizer_lib
 from encoder_jax.data.text import special_ids
@@ -184,6 +185,20 @@ def summarize_with_baseline(sums: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+@contextlib.contextmanager
+def _no_tokenizer_left_on_error(workdir: str | None):
+    """A tokenizer this build trained into the workdir is removed if the build then fails:
+    a rerun with fixed data must train a new one, not reuse one from the bad data."""
+    path = os.path.join(workdir, tokenizer_lib.SentencePieceTokenizer.FILENAME) if workdir else None
+    existed = path is not None and os.path.exists(path)
+    try:
+        yield
+    except errors.Error:
+        if path is not None and not existed and os.path.exists(path) and jax.process_index() == 0:
+            os.remove(path)
+        raise
+
+
 def _check_enough_tokens(source, tokenizer, needed: int, text_field: str) -> None:
     """A corpus must fill at least one batch (counting [CLS]/[SEP] per document)."""
     total = 0
@@ -225,19 +240,20 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     cache_dir = data_cfg.data_dir or sources.default_data_dir()
     splits = sources.open_text_sources(data_cfg, cache_dir)
     pretrained = pretrained_lib.resolve(config)
-    tokenizer, model_cfg = tokenizer_and_model(config, pretrained, data_cfg, splits["train"],
-                                               workdir, cache_dir)
     seq_len = data_cfg.seq_len
-    if seq_len > model_cfg.max_len:
-        raise errors.ConfigError(f"data.seq_len={seq_len} exceeds model.max_len={model_cfg.max_len}")
+    with _no_tokenizer_left_on_error(workdir):
+        tokenizer, model_cfg = tokenizer_and_model(config, pretrained, data_cfg, splits["train"],
+                                                   workdir, cache_dir)
+        if seq_len > model_cfg.max_len:
+            raise errors.ConfigError(f"data.seq_len={seq_len} exceeds model.max_len={model_cfg.max_len}")
+        _check_enough_tokens(splits["train"], tokenizer, data_cfg.batch_size * seq_len,
+                             data_cfg.text_field)
     if workdir and shard_index == 0:
         if pretrained is not None:
             tokenizer.save(workdir)
         workdir_lib.write_model_record(workdir, workdir_lib.ModelRecord("mlm", model_cfg))
     masking = masking_config(configs.section(configs.MaskedLmConfig, config.mlm, "mlm"),
                              tokenizer, seq_len)
-    _check_enough_tokens(splits["train"], tokenizer, data_cfg.batch_size * seq_len,
-                         data_cfg.text_field)
     rows = host_rows(data_cfg.batch_size, shard_count, "data.batch_size")
     train_data = mlm_packing.mlm_train_dataset(
         splits["train"], tokenizer, seq_len=seq_len, batch_size=rows, seed=config.seed,
