@@ -103,7 +103,7 @@ def check_config_overrides(argv: list[str]) -> None:
                 parent = ".".join(walked) or "config"
                 valid = sorted(node.keys()) if hasattr(node, "keys") else []
                 raise errors.ConfigKeyError(f"unknown config key {key!r}: {parent!r} has no {part!r}; "
-                               f"valid: {valid}")
+                                            f"valid: {valid}")
             node = node[part]
             walked.append(part)
 

@@ -117,54 +117,80 @@ class Sweep:
     def reference(self) -> str:
         workdir = os.path.join(self.out, "reference")
         if not os.path.isdir(os.path.join(workdir, "checkpoints", str(self.steps))):
+            began = time.monotonic()
             done = launch(*self.run_args(workdir), env=self.env)
             assert done.returncode == 0, done.stderr[-3000:]
+            with open(os.path.join(self.out, "reference_wall_s"), "w") as f:
+                f.write(str(time.monotonic() - began))
         return workdir
 
+    def reference_wall_s(self) -> float:
+        self.reference()
+        with open(os.path.join(self.out, "reference_wall_s")) as f:
+            return float(f.read())
 
-def _saving(workdir: str) -> bool:
+
+def _saves_in_progress(workdir: str) -> set[str]:
+    """Orbax writes a step into '<step>.orbax-checkpoint-tmp*' and renames it when complete."""
     directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any("tmp" in n for n in os.listdir(directory))
+    return {n for n in os.listdir(directory) if "tmp" in n} if os.path.isdir(directory) else set()
 
 
-def kill_once(args: list[str], env, workdir: str, mode: str, rng: random.Random) -> dict:
-    """Starts a run and SIGKILLs it at a random moment ('random') or as a save starts ('save')."""
+def _latest_step(workdir: str) -> int | None:
+    directory = os.path.join(workdir, "checkpoints")
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+    return max(steps) if steps else None
+
+
+def kill_once(args: list[str], env, workdir: str, mode: str, rng: random.Random,
+              latest_s: float = 30.0) -> dict:
+    """Starts a run and SIGKILLs it at a random moment in (0.5, latest_s) s ('random'), or the
+    moment a new checkpoint save is in progress ('save'; left-overs of earlier kills ignored)."""
+    leftovers, before = _saves_in_progress(workdir), _latest_step(workdir)
     proc = subprocess.Popen(launch_command(*args), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    start, deadline = time.monotonic(), time.monotonic() + rng.uniform(3.0, 30.0)
+    start = time.monotonic()
+    deadline = start + rng.uniform(0.5, latest_s)
     while proc.poll() is None:
         now = time.monotonic()
-        if (mode == "save" and _saving(workdir)) or (mode == "random" and now >= deadline) \
-                or now - start > 120:
+        if (mode == "save" and _saves_in_progress(workdir) - leftovers) \
+                or (mode == "random" and now >= deadline) or now - start > 300:
             break
-        time.sleep(0.005)
-    during_save = _saving(workdir)
-    finished = proc.poll() is not None
-    if not finished:
+        time.sleep(0.002)
+    during_save = bool(_saves_in_progress(workdir) - leftovers)
+    if proc.poll() is None:
         proc.kill()
     stderr = proc.communicate()[1]
     resumed = [line for line in stderr.splitlines() if "resumed from" in line]
     return {"mode": mode, "after_s": round(time.monotonic() - start, 2), "during_save": during_save,
-            "finished_first": finished, "returncode": proc.returncode,
-            "resumed_at": resumed[-1].rsplit(" ", 1)[-1] if resumed else None}
+            "killed": proc.returncode == -signal.SIGKILL, "returncode": proc.returncode,
+            "resumed_at": int(resumed[-1].rsplit(" ", 1)[-1]) if resumed else None,
+            "latest_step_before": before, "latest_step_after": _latest_step(workdir)}
 
 
 def part_kills(sweep: Sweep, kills: int, seed: int) -> dict:
+    """kill -9 again and again on one run until `kills` kills landed; then let it finish."""
     rng = random.Random(seed)
     workdir = os.path.join(sweep.out, "killed")
     shutil.rmtree(workdir, ignore_errors=True)
-    points = []
-    while len(points) < kills:
+    run_s = sweep.reference_wall_s()
+    points, regressions = [], 0
+    while sum(p["killed"] for p in points) < kills:
         point = kill_once(sweep.run_args(workdir), sweep.env, workdir,
-                          "save" if len(points) % 2 else "random", rng)
+                          "save" if len(points) % 2 else "random", rng, latest_s=run_s)
         points.append(point)
-        if point["finished_first"]:  # the run ended before the kill: start the chain again
+        before, after = point["latest_step_before"], point["latest_step_after"]
+        regressions += before is not None and (after is None or after < before)
+        print(f"  try {len(points)}: {point}", flush=True)
+        if not point["killed"]:  # the run ended before the kill: start the chain again
             shutil.rmtree(workdir)
-        print(f"  kill {len(points)}: {point}", flush=True)
     done = launch(*sweep.run_args(workdir), env=sweep.env)
     equal = done.returncode == 0 and same_params(workdir, sweep.reference())
-    return {"kill_points": len(points), "during_save": sum(p["during_save"] for p in points),
-            "final_rerun_rc": done.returncode, "resumed_identically": equal, "points": points}
+    killed = [p for p in points if p["killed"]]
+    return {"kill_points": len(killed), "during_save": sum(p["during_save"] for p in killed),
+            "after_a_resume": sum(p["resumed_at"] is not None for p in killed),
+            "checkpoint_regressions": regressions, "final_rerun_rc": done.returncode,
+            "resumed_identically": equal, "points": points}
 
 
 def part_sigterm(sweep: Sweep) -> dict:
@@ -195,9 +221,7 @@ def _truncate_files(directory: str) -> None:
 def part_corrupt(sweep: Sweep) -> dict:
     workdir = os.path.join(sweep.out, "corrupt")
     shutil.rmtree(workdir, ignore_errors=True)
-    half = sweep.run_args(workdir)
-    half[half.index(f"--config.train.num_steps={sweep.steps}")] = \
-        f"--config.train.num_steps={sweep.steps // 2}"
+    half = sweep.run_args(workdir, f"--config.train.max_steps_per_run={sweep.steps // 2}")
     assert launch(*half, env=sweep.env).returncode == 0
     _truncate_files(os.path.join(workdir, "checkpoints", str(sweep.steps // 2)))
     done = launch(*sweep.run_args(workdir), env=sweep.env)
@@ -215,9 +239,8 @@ def part_disk_full(sweep: Sweep) -> dict:
         return {"skipped": "needs root to mount a small tmpfs"}
     try:
         workdir = os.path.join(mount, "run")
-        half = sweep.run_args(workdir)
-        half[half.index(f"--config.train.num_steps={sweep.steps}")] = "--config.train.num_steps=4"
-        assert launch(*half, env=sweep.env).returncode == 0
+        first = sweep.run_args(workdir, "--config.train.max_steps_per_run=4")
+        assert launch(*first, env=sweep.env).returncode == 0
         filler = os.path.join(mount, "filler")
         with open(filler, "wb") as f:
             f.write(b"\0" * max(shutil.disk_usage(mount).free - 200_000, 0))

@@ -269,7 +269,7 @@ def read_card(directory: str) -> dict[str, Any]:
         card = json.load(f)
     if card.get("format") != ARTIFACT_FORMAT or card.get("task") not in EXPORTED_TASKS:
         raise errors.DataError(f"{path!r}: format {card.get('format')!r}, task {card.get('task')!r}; this "
-                         f"version reads format {ARTIFACT_FORMAT}, tasks {list(EXPORTED_TASKS)}")
+                               f"version reads format {ARTIFACT_FORMAT}, tasks {list(EXPORTED_TASKS)}")
     return card
 
 

@@ -43,7 +43,7 @@ class DynamicBatcher:
                  on_batch: Callable[[str, Sequence[Any], float], None] | None = None):
         if max_batch < 1 or max_queue < max_batch or max_wait_s < 0:
             raise errors.ConfigError(f"max_batch={max_batch} must be >= 1, max_queue={max_queue} >= "
-                             f"max_batch, max_wait_s={max_wait_s} >= 0")
+                                     f"max_batch, max_wait_s={max_wait_s} >= 0")
         self.run_batch, self.on_batch = run_batch, on_batch
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self._queue: collections.deque[_Pending] = collections.deque()

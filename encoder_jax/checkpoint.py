@@ -145,7 +145,7 @@ class Checkpointer:
                             "the previous one", candidate, self.directory, reason, moved)
                 set_aside.append(f"step {candidate} -> {moved}")
         raise errors.DataError(f"no checkpoint in {self.directory} restores (set aside: "
-                         f"{'; '.join(set_aside)}); remove the checkpoints/ directory to start over")
+                               f"{'; '.join(set_aside)}); remove the checkpoints/ directory to start over")
 
     def _restore_step(self, step: int, abstract_state: Any, data_iterator) -> Any:
         state = self.manager.restore(step, args=ocp.args.Composite(

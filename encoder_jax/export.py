@@ -180,7 +180,7 @@ def export_run(config, workdir: str, out_dir: str | None = None) -> str:
     run = workdir_lib.load_trained(workdir, word_segmenter=segmenter)
     if run.record.task not in artifact.TASK_FUNCTIONS:
         raise errors.ConfigError(f"--mode export: {workdir!r} holds a {run.record.task!r} run; "
-                         f"exportable tasks: {list(artifact.EXPORTED_TASKS)}")
+                                 f"exportable tasks: {list(artifact.EXPORTED_TASKS)}")
     names = artifact.TASK_FUNCTIONS[run.record.task]
     out_dir = os.path.abspath(out_dir or workdir_lib.path(workdir, EXPORT_DIR))
     contents = card(run, source, names)
@@ -217,7 +217,7 @@ def predict_with_artifact(config, workdir: str) -> str:
     loaded = artifact.load_artifact(pred_cfg.artifact)
     if loaded.task != "classify":
         raise errors.ConfigError(f"predict.artifact={pred_cfg.artifact!r} is a {loaded.task!r} export; "
-                         f"--mode predict labels texts with a 'classify' one")
+                                 f"--mode predict labels texts with a 'classify' one")
     log.info("predicting with %s (checkpoint %s, step %s)", loaded.directory,
              loaded.card["source"]["checkpoint"], loaded.card["source"]["step"])
     _, rows = classify.predict_rows(config, pred_cfg)

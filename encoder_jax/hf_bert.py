@@ -140,7 +140,7 @@ def read_config(directory: str) -> dict:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise errors.MissingFileError(f"{directory}: no {CONFIG_FILE}; a Hugging Face BERT directory "
-                                f"holds config.json, the weights and vocab.txt")
+                                      f"holds config.json, the weights and vocab.txt")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -154,10 +154,10 @@ def encoder_config(hf: dict, path: str = CONFIG_FILE) -> EncoderConfig:
     architectures = hf.get("architectures") or []
     if model_type != "bert" or any(not a.startswith("Bert") for a in architectures):
         raise errors.DataError(f"{path}: model_type={model_type!r}, architectures={architectures}; "
-                         f"only BERT is supported (model_type 'bert', Bert* architectures)")
+                               f"only BERT is supported (model_type 'bert', Bert* architectures)")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise errors.DataError(f"{path}: position_embedding_type={hf['position_embedding_type']!r}; "
-                         f"valid: 'absolute'")
+                               f"valid: 'absolute'")
     if hf.get("is_decoder") or hf.get("add_cross_attention"):
         raise errors.DataError(f"{path}: is_decoder/add_cross_attention are set; only the BERT encoder is supported")
     if hf.get("tie_word_embeddings", True) is False:
@@ -184,7 +184,7 @@ def hf_config(cfg: EncoderConfig, architecture: str) -> dict:
         raise errors.DataError("model.pre_norm=True cannot be exported: Hugging Face BERT is post-LN")
     if cfg.activation not in EXPORT_ACTIVATIONS:
         raise errors.DataError(f"model.activation={cfg.activation!r} has no Hugging Face BERT "
-                         f"equivalent; valid: {sorted(EXPORT_ACTIVATIONS)}")
+                               f"equivalent; valid: {sorted(EXPORT_ACTIVATIONS)}")
     return {"architectures": [architecture], "model_type": "bert",
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_dim,
             "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
@@ -238,7 +238,7 @@ def _read_file(path: str) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise errors.DataError(f"{path}: reading pytorch_model.bin needs torch "
-                         f"(pip install 'encoder_jax[hf]'), or convert it to model.safetensors") from None
+                               f"(pip install 'encoder_jax[hf]'), or convert it to model.safetensors") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe pickles
@@ -303,7 +303,7 @@ def _take(tensors: dict[str, np.ndarray], entries: list[Entry], source: str, use
         expected = hf_shape(e.kind, e.shape)
         if tuple(w.shape) != expected:
             raise errors.DataError(f"{source}: tensor {e.name} has shape {tuple(w.shape)} but "
-                             f"config.json implies {expected}")
+                                   f"config.json implies {expected}")
         _set(tree, e.path, to_ours(e.kind, w, e.shape))
         used.add(e.name)
     return tree, missing
@@ -347,7 +347,7 @@ def _check_tied_decoder(tensors: dict[str, np.ndarray], used: set[str], source: 
     embedding = tensors["embeddings.word_embeddings.weight"]
     if np.shape(tensors[name]) != np.shape(embedding) or not np.array_equal(tensors[name], embedding):
         raise errors.DataError(f"{source}: {name} differs from the word embeddings; "
-                         f"only tied MLM decoders are supported")
+                               f"only tied MLM decoders are supported")
     used.add(name)
 
 
@@ -364,14 +364,14 @@ def to_hf(params: Params, cfg: EncoderConfig, head: str, label_names: list[str] 
         entries += pooler_entries(cfg)
     elif head == "classifier":
         raise errors.DataError("export head='classifier' needs the pooler (model.use_pooler=True, "
-                         "pooling='first'): Hugging Face classifies the pooled [CLS]")
+                               "pooling='first'): Hugging Face classifies the pooled [CLS]")
     tensors = {f"bert.{e.name}": to_theirs(e.kind, _get(encoder, e.path)) for e in entries}
     if not cfg.type_vocab_size:  # Hugging Face always adds type 0: a zero row keeps outputs equal
         tensors["bert.embeddings.token_type_embeddings.weight"] = np.zeros((1, cfg.hidden_dim), np.float32)
     if head == "mlm":
         if "transform" not in params:
             raise errors.DataError("export head='mlm' needs the MLM head (transform, transform_norm, "
-                             "output_bias); export a classifier with head='classifier'")
+                                   "output_bias); export a classifier with head='classifier'")
         tensors.update({e.name: to_theirs(e.kind, _get(params, e.path)) for e in mlm_head_entries(cfg)})
     else:
         if "classifier" not in params:

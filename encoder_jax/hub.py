@@ -43,7 +43,7 @@ def resolve(name: str, field: str = "init_from_hf") -> str:
         return name
     if not HUB_ID.match(name) or name.startswith((".", "/")) or os.sep + os.sep in name:
         raise errors.MissingFileError(f"{field}={name!r} is neither a directory nor a Hugging Face hub id "
-                                f"(like 'bert-base-uncased' or 'org/name@revision')")
+                                      f"(like 'bert-base-uncased' or 'org/name@revision')")
     repo, revision = split_id(name)
     failures = []
     for offline in (True, False):

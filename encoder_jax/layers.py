@@ -92,7 +92,7 @@ class EncoderConfig:
                 values[name] = jnp.dtype(values[name])
             except TypeError:
                 raise errors.ConfigError(f"model.{name}={values[name]!r}; valid: float32, bfloat16, "
-                                 f"float16") from None
+                                         f"float16") from None
         return cls(**values)
 
 

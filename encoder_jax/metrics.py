@@ -88,7 +88,7 @@ def classification_report(labels_N: np.ndarray, probs_NxC: np.ndarray, names: Se
     probs_NxC = np.asarray(probs_NxC, np.float64)
     if labels_N.ndim != 1 or probs_NxC.shape != (len(labels_N), len(names)):
         raise errors.DataError(f"labels {labels_N.shape} / probabilities {probs_NxC.shape} do not match "
-                         f"{len(names)} classes")
+                               f"{len(names)} classes")
     if len(labels_N) == 0:
         raise errors.DataError("no examples to evaluate")
     classes = list(range(len(names)))

@@ -189,7 +189,7 @@ class Seq2SeqConfig:
     def __post_init__(self):
         if self.share_embeddings and self.encoder.vocab_size != self.target_vocab_size:
             raise errors.ConfigError(f"model.share_embeddings needs one vocabulary; source "
-                             f"{self.encoder.vocab_size} != target {self.target_vocab_size} tokens")
+                                     f"{self.encoder.vocab_size} != target {self.target_vocab_size} tokens")
 
     @classmethod
     def from_config(cls, model_cfg: Any, source_vocab: int, target_vocab: int,

@@ -172,7 +172,7 @@ class BestKeeper:
             return False
         if self.metric not in summary:
             raise errors.ConfigError(f"eval.best_metric={self.metric!r} is not an evaluation metric; "
-                             f"valid: {sorted(summary)}")
+                                     f"valid: {sorted(summary)}")
         value, best = float(summary[self.metric]), self.record["value"]
         improved = best is None or (value > best if self.mode == "max" else value < best)
         if improved:

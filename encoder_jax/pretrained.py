@@ -103,7 +103,7 @@ def import_hf(directory: str) -> ImportedBert:
     tokenizer = hf_tokenizer(directory)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise errors.ConfigError(f"{directory}: its tokenizer has {tokenizer.vocab_size} tokens but "
-                         f"config.json vocab_size={config.vocab_size}")
+                                 f"config.json vocab_size={config.vocab_size}")
     label_names = hf_bert.label_names(hf_config, converted.classifier)
     config = dataclasses.replace(config, use_pooler="pooler" in converted.params["encoder"])
     return ImportedBert(config=config, params=converted.params, classifier=converted.classifier,
@@ -126,7 +126,7 @@ def from_hf(directory: str, word_segmenter: str = "auto") -> PretrainedEncoder:
     tokenizer = hf_tokenizer(directory, word_segmenter)
     if tokenizer is None:
         raise errors.MissingFileError(f"{directory}: no vocab.txt (or tokenizer.model); initialising "
-                                f"from a Hugging Face BERT needs its vocabulary")
+                                      f"from a Hugging Face BERT needs its vocabulary")
     return PretrainedEncoder(dataclasses.replace(config, use_pooler=True),
                              lambda: import_hf(directory).params, tokenizer,
                              f"init_from_hf={directory!r}")
@@ -143,7 +143,7 @@ def from_run(run_dir: str, word_segmenter: str = "auto") -> PretrainedEncoder:
         params = checkpoint.load_params(workdir_lib.checkpoint_source(run_dir))
         if "encoder" not in params:
             raise errors.ConfigError(f"{source}: its params have no 'encoder' subtree (top level: "
-                             f"{sorted(params)})")
+                                     f"{sorted(params)})")
         return params
 
     return PretrainedEncoder(trained.encoder_config, load_params, trained.tokenizer, source)
@@ -154,7 +154,7 @@ def init_field(config) -> str | None:
     named = [f for f in INIT_FIELDS if config.get(f)]
     if len(named) > 1:
         raise errors.ConfigError(f"set init_from or init_from_hf, not both (init_from={config.init_from!r}, "
-                         f"init_from_hf={config.init_from_hf!r})")
+                                 f"init_from_hf={config.init_from_hf!r})")
     return named[0] if named else None
 
 
@@ -219,12 +219,12 @@ def graft_encoder(params: Params, pretrained: PretrainedEncoder, target: str = "
     missing = sorted("/".join(p) for p in set(want) - set(have))
     if missing:
         raise errors.ConfigError(f"{pretrained.source}: the pretrained encoder lacks {missing[:5]} "
-                         f"(different architecture)")
+                                 f"(different architecture)")
     for path, leaf in want.items():
         if np.shape(have[path]) != np.shape(leaf):
             raise errors.ConfigError(f"{pretrained.source}: encoder/{'/'.join(path)} has shape "
-                             f"{np.shape(have[path])}, this model needs {np.shape(leaf)} "
-                             f"(vocab or hidden size differ)")
+                                     f"{np.shape(have[path])}, this model needs {np.shape(leaf)} "
+                                     f"(vocab or hidden size differ)")
     grafted = {path: jnp.asarray(have[path], leaf.dtype) for path, leaf in want.items()}
     return {**params, target: traverse_util.unflatten_dict(grafted)}
 
@@ -245,7 +245,7 @@ def merge_params(fresh: Params, imported: Params, source: str = "pretrained") ->
             if isinstance(imported_node, dict) or tuple(imported_node.shape) != tuple(fresh_node.shape):
                 shape = "a subtree" if isinstance(imported_node, dict) else tuple(imported_node.shape)
                 raise errors.ConfigError(f"{source}: parameter {path} has shape {shape} in the checkpoint "
-                                 f"but {tuple(fresh_node.shape)} in the model")
+                                         f"but {tuple(fresh_node.shape)} in the model")
             return np.asarray(imported_node).astype(fresh_node.dtype)
         imported_node = imported_node if isinstance(imported_node, dict) else {}
         dropped.extend(f"{path}/{k}".lstrip("/") for k in imported_node if k not in fresh_node)

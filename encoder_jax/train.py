@@ -311,7 +311,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     trainer = TrainerConfig.from_config(config)
     if trainer.ckpt.average_last > trainer.ckpt.keep:
         raise errors.ConfigError(f"ckpt.average_last={trainer.ckpt.average_last} exceeds ckpt.keep="
-                         f"{trainer.ckpt.keep}: keep at least as many checkpoints as are averaged")
+                                 f"{trainer.ckpt.keep}: keep at least as many checkpoints as are averaged")
     workdir_lib.check_writable(workdir)
     is_lead = jax.process_index() == 0
     s = setup(config, trainer, workdir)

@@ -196,7 +196,7 @@ def load_tokenizer(workdir: str, word_segmenter: str = "auto"):
         return tokenizer_lib.load_saved(workdir, word_segmenter)
     except FileNotFoundError:
         raise errors.MissingFileError(f"{workdir!r} has no tokenizer.model or vocab.txt: is it an "
-                                f"encoder_jax run's workdir?") from None
+                                      f"encoder_jax run's workdir?") from None
 
 
 def load_trained(workdir: str, step: int | None = None, word_segmenter: str = "auto",
@@ -215,7 +215,7 @@ def load_trained(workdir: str, step: int | None = None, word_segmenter: str = "a
     record = read_model_record(workdir, tokenizer.vocab_size if tokenizer else None)
     if record is None:
         raise errors.MissingFileError(f"{workdir!r} has no {MODEL_FILE}: is it an encoder_jax run's "
-                                f"workdir?")
+                                      f"workdir?")
     params = None
     if with_params:
         source = workdir if step is not None else checkpoint_source(workdir)

@@ -66,7 +66,7 @@ def read_table(path: str, delimiter: str, columns: Mapping[str, str | int],
         yield from _table_rows(reader, path, columns, has_header)
     except csv.Error as e:  # e.g. a cell past MAX_CELL_CHARS: usually a quote that never closes
         raise errors.DataError(f"data file {path!r} line {reader.line_num}: {e} (an unclosed \" quote "
-                        f"reads the rest of the file as one cell)") from None
+                               f"reads the rest of the file as one cell)") from None
 
 
 def _table_rows(reader, path: str, columns: Mapping[str, str | int],
@@ -82,12 +82,12 @@ def _table_rows(reader, path: str, columns: Mapping[str, str | int],
             index[field] = header.index(column)
         else:
             raise errors.DataError(f"data file {path!r} has no column {column!r} (for field {field!r}); "
-                            f"columns: {header if header else 'no header, use an integer index'}")
+                                   f"columns: {header if header else 'no header, use an integer index'}")
     width = max(index.values()) + 1
     for line_number, row in enumerate(reader, 2 if has_header else 1):
         if not row:
             continue
         if len(row) < width:
             raise errors.DataError(f"data file {path!r} row {line_number} has {len(row)} columns, "
-                            f"needs {width}")
+                                   f"needs {width}")
         yield {field: row[i] for field, i in index.items()}

@@ -51,7 +51,7 @@ def _model(proto):
         return models.BPE(vocab, bpe_merges(vocab), unk_token=pieces[unk_id][0], fuse_unk=True,
                           byte_fallback=proto.trainer_spec.byte_fallback)
     raise errors.DataError(f"sentencepiece model_type {kind}: only unigram ({UNIGRAM}) and bpe ({BPE}) "
-                     f"convert to a fast tokenizer")
+                           f"convert to a fast tokenizer")
 
 
 def fast_tokenizer(model_proto: bytes):

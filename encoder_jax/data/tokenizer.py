@@ -47,7 +47,7 @@ class SentencePieceTokenizer:
         missing = [p for p, i in ids.items() if i == self._sp.unk_id() and p != "[UNK]"]
         if missing:
             raise errors.DataError(f"sentencepiece model lacks special tokens {missing}; "
-                             f"train it with encoder_jax or add them as control symbols")
+                                   f"train it with encoder_jax or add them as control symbols")
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
             ids[p] for p in SPECIAL_TOKENS)
         self.vocab_size = self._sp.get_piece_size()
@@ -141,7 +141,7 @@ def load_saved(directory: str, word_segmenter: str = "auto") -> Tokenizer:
         if os.path.isfile(os.path.join(directory, cls.FILENAME)):
             return cls.load(os.path.join(directory, cls.FILENAME), word_segmenter)
     raise errors.MissingFileError(f"{directory!r} holds no tokenizer ({SentencePieceTokenizer.FILENAME} "
-                            f"or {WordPieceTokenizer.FILENAME})")
+                                  f"or {WordPieceTokenizer.FILENAME})")
 
 
 def _wordpiece_tokenizer(tok_cfg, workdir: str | None, segmenter: str):

@@ -71,7 +71,7 @@ class WordPieceTokenizer:
         missing = [t for t in special_tokens if t not in ids]
         if missing:
             raise errors.DataError(f"WordPiece vocabulary lacks special tokens {missing}; "
-                             f"it needs all of {list(special_tokens)}")
+                                   f"it needs all of {list(special_tokens)}")
         self._vocab = list(vocab)
         self.lowercase, self.strip_accents, self.chinese_chars = lowercase, strip_accents, chinese_chars
         self.word_segmenter = word_segmenter

@@ -55,7 +55,7 @@ def architecture(model_cfg, recorded: dict[str, Any] | None, recorded_from: str)
     for field, value in explicit.items():
         if recorded.get(field) != value:
             raise errors.ConfigError(f"model.{field}={value!r} but {recorded_from} has {field}="
-                             f"{recorded.get(field)!r}: drop the override (the shape comes from there)")
+                                     f"{recorded.get(field)!r}: drop the override (the shape comes from there)")
     return {f: recorded[f] for f in ARCH_FIELDS}
 
 
@@ -185,11 +185,11 @@ def tokenizer_and_encoder(config, workdir: str | None, full_train, cache_dir: st
     if pretrained is not None:
         if tok_cfg.model_file:
             raise errors.ConfigError(f"{pretrained.source} and tokenizer.model_file are both set: the "
-                             f"pretrained encoder's tokenizer is used, drop tokenizer.model_file")
+                                     f"pretrained encoder's tokenizer is used, drop tokenizer.model_file")
         tokenizer = pretrained.tokenizer
         if pretrained.config.vocab_size != tokenizer.vocab_size:
             raise errors.ConfigError(f"{pretrained.source}: encoder vocab {pretrained.config.vocab_size} != "
-                             f"tokenizer vocab {tokenizer.vocab_size}")
+                                     f"tokenizer vocab {tokenizer.vocab_size}")
     else:
         def texts():
             for i in range(len(full_train)):
@@ -359,7 +359,7 @@ def predict(config, run: workdir_lib.TrainedRun) -> str:
 
     if run.record.task != "classify" or run.labels is None:
         raise errors.MissingFileError(f"{run.workdir!r} holds no classification run ({workdir_lib.MODEL_FILE} "
-                                f"task={run.record.task!r}): train a classification run there first")
+                                      f"task={run.record.task!r}): train a classification run there first")
     pred_cfg = configs.section(configs.PredictConfig, config.predict, "predict")
     fields, rows = predict_rows(config, pred_cfg)
     output = pred_cfg.output or workdir_lib.path(run.workdir, workdir_lib.PREDICTIONS_FILE)

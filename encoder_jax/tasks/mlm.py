@@ -207,7 +207,7 @@ def _check_enough_tokens(source, tokenizer, needed: int, text_field: str) -> Non
         if total >= needed:
             return
     raise errors.ConfigError(f"the training corpus ({source.name}) has {total} tokens, fewer than one "
-                     f"batch of data.batch_size x data.seq_len = {needed}; add text or lower those")
+                             f"batch of data.batch_size x data.seq_len = {needed}; add text or lower those")
 
 
 def tokenizer_and_model(config, pretrained, data_cfg: configs.TextDataConfig, train_source,

@@ -122,10 +122,10 @@ def resolve_model(config, workdir, train_source, cache_dir):
                                                     target_tok.vocab_size, None), None, joint
     if pretrained.config.vocab_size != pretrained.tokenizer.vocab_size:
         raise errors.ConfigError(f"{pretrained.source}: encoder vocab {pretrained.config.vocab_size} != "
-                         f"tokenizer vocab {pretrained.tokenizer.vocab_size}")
+                                 f"tokenizer vocab {pretrained.tokenizer.vocab_size}")
     if configs.to_dict(config.model).get("share_embeddings"):
         raise errors.ConfigError(f"model.share_embeddings=True with {pretrained.source}: the pretrained "
-                         f"encoder's vocabulary is the source side only; set it False")
+                                 f"encoder's vocabulary is the source side only; set it False")
     tok_cfg = configs.section(configs.TranslationTokenizerConfig, config.tokenizer, "tokenizer")
     target_tok = target_tokenizer(tok_cfg, side_config(tok_cfg), workdir, train_source, cache_dir,
                                   side_texts(train_source, "target"))
@@ -284,7 +284,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
                                                                    cache_dir)
     if data_cfg.max_len > min(cfg.encoder.max_len, cfg.max_target_len):
         raise errors.ConfigError(f"data.max_len={data_cfg.max_len} exceeds model.max_len="
-                         f"{cfg.encoder.max_len} or model.max_target_len={cfg.max_target_len}")
+                                 f"{cfg.encoder.max_len} or model.max_target_len={cfg.max_target_len}")
     if workdir and shard_index == 0:
         if pretrained is not None:
             source_tok.save(workdir)
@@ -293,7 +293,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     dropped, checked = data_lib.count_too_long(splits["train"], tokenizers, data_cfg.max_len)
     if dropped == checked:
         raise errors.ConfigError(f"every training pair checked ({checked}) is empty or longer than "
-                         f"data.max_len={data_cfg.max_len} tokens; raise data.max_len")
+                                 f"data.max_len={data_cfg.max_len} tokens; raise data.max_len")
     log.info("training pairs: dropped %d of %d checked (longer than data.max_len=%d tokens or "
              "empty)", dropped, checked, data_cfg.max_len)
     model = EncoderDecoder(cfg)
@@ -349,7 +349,7 @@ def predict(config, run: workdir_lib.TrainedRun) -> str:
 
     if run.record.task != "translate":
         raise errors.MissingFileError(f"{run.workdir!r} holds no translation run ({workdir_lib.MODEL_FILE} "
-                                f"task={run.record.task!r}): train a translation run there first")
+                                      f"task={run.record.task!r}): train a translation run there first")
     pred_cfg = configs.section(configs.PredictConfig, config.predict, "predict")
     tr = configs.section(configs.TranslateConfig, config.translate, "translate")
     data_cfg = configs.section(configs.TranslationDataConfig, config.data, "data")
