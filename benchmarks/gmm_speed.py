@@ -25,9 +25,12 @@ def synthetic(n: int, d: int, k: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(k, d)) * 3
     labels = rng.integers(0, k, n)
-    mixing = rng.normal(size=(k, d, d)) / np.sqrt(d)
-    noise = rng.normal(size=(n, d))
-    return (centres[labels] + np.einsum("nd,nde->ne", noise, mixing[labels])).astype(np.float32)
+    points = np.empty((n, d), np.float32)
+    for component in range(k):
+        rows = labels == component
+        mixing = rng.normal(size=(d, d)) / np.sqrt(d)
+        points[rows] = centres[component] + rng.normal(size=(int(rows.sum()), d)) @ mixing
+    return points
 
 
 def main() -> None:
@@ -51,7 +54,9 @@ def main() -> None:
     cholesky = np.asarray(start.precisions_cholesky, np.float64)
     precisions = (np.einsum("kij,klj->kil", cholesky, cholesky) if args.covariance_type == "full"
                   else cholesky ** 2)
-    start = gmm.from_parameters(start.weights_K, start.means_KxD, precisions, args.covariance_type)
+    weights = np.asarray(start.weights_K, np.float64)
+    weights /= weights.sum()  # scikit-learn checks the sum in float64
+    start = gmm.from_parameters(weights, start.means_KxD, precisions, args.covariance_type)
 
     def ours():
         model = gmm.run_em(jax.numpy.asarray(X), start, max_iter=args.iters, tol=0.0)
@@ -66,7 +71,7 @@ def main() -> None:
         bound, model = ours()
         times.append(time.perf_counter() - began)
     sk = GaussianMixture(args.k, covariance_type=args.covariance_type, max_iter=args.iters, tol=0.0,
-                         weights_init=np.asarray(start.weights_K, np.float64),
+                         weights_init=weights,
                          means_init=np.asarray(start.means_KxD, np.float64),
                          precisions_init=precisions, reg_covar=1e-6)
     began = time.perf_counter()
