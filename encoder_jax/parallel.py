@@ -40,6 +40,14 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize(**by_hand)
     except RuntimeError as e:  # already initialised, e.g. in notebooks
         log.warning("jax.distributed.initialize skipped: %s", e)
+        return
+    if jax.process_count() > 1:
+        # The first collective between processes sets up their communicators (on CPU, gloo
+        # gives the others 30 s to join). Do it now, while every process has just connected,
+        # rather than at whatever point a slow host reaches first later on.
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("encoder_jax: every process started")
 
 
 def make_mesh(fsdp: int = 1, devices=None) -> Mesh:

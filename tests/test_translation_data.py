@@ -136,7 +136,8 @@ def test_catalog_records_are_renamed_and_a_wrong_field_is_named():
      "'.*bad.tsv' has no column 'chinese' \\(for field 'source'\\); columns: \\['en', 'zh'\\]"),
     ("three\t三\nfour\n", {}, DataError, "'.*bad.tsv' row 2 has 1 columns, needs 2"),
     ("en\tzh\n", {"has_header": True}, DataError, "data files \\['.*bad.tsv'\\] contain no records"),
-    ("three\t三\n", {"format": "lines"}, DataError, "data.format='lines'; translation reads"),
+    ("three\t三\n", {"format": "lines"}, ValueError,
+     "data.format='lines'; valid: \\['auto', 'csv', 'tsv'\\]"),
 ])
 def test_bad_inputs_fail_with_one_line_naming_file_or_field(tmp_path, content, overrides, error,
                                                             message):
