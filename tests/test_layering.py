@@ -55,7 +55,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     1: ("encoder_jax.models",),
     2: ("encoder_jax.data", "encoder_jax.optim", "encoder_jax.parallel", "encoder_jax.checkpoint",
         "encoder_jax.hf_bert", "encoder_jax.metrics", "encoder_jax.decode", "encoder_jax.losses", "encoder_jax.batcher", "encoder_jax.hub",
-        "encoder_jax.preemption", "encoder_jax.gmm",
+        "encoder_jax.preemption", "encoder_jax.gmm", "encoder_jax.clustering",
         "encoder_jax.serve_metrics", "encoder_jax"),
     3: ("encoder_jax.workdir", "encoder_jax.reporting", "encoder_jax.artifact",
         "encoder_jax.serve_engine", "encoder_jax.serve_app"),
