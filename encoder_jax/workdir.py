@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 from typing import Any
 
 from encoder_jax import checkpoint, errors
@@ -83,7 +84,8 @@ def check_writable(workdir: str) -> None:
     """Creates the workdir; an unwritable one is a one-line error naming it."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = path(workdir, ".write_test")
+        # One probe per process: hosts sharing the workdir must not remove each other's.
+        probe = path(workdir, f".write_test-{socket.gethostname()}-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

@@ -123,7 +123,8 @@ def test_gradient_accumulation_equals_one_big_batch_past_warmup(name):
 
 
 _MULTI_DEVICE = r"""
-import json, sys
+import faulthandler, json, sys
+faulthandler.dump_traceback_later(240, exit=True)  # a hang shows where every thread was
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 import jax
 from conftest import tiny_config
@@ -156,7 +157,7 @@ def _run_on_devices(devices, corpus_files, data_cache, workdir, overrides, proce
     procs = [subprocess.Popen([sys.executable, "-c", code], text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env={**env, "JAX_PROCESS_ID": str(i)})
              for i in range(processes)]
-    outputs = [p.communicate(timeout=300) for p in procs]
+    outputs = [p.communicate(timeout=280) for p in procs]
     for p, (_, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr[-3000:]
     return json.loads(outputs[0][0].strip().splitlines()[-1])
