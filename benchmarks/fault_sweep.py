@@ -275,13 +275,9 @@ class BadInput:
 
 
 def _mlm(*extra: str):
+    """MLM smoke on the sweep's corpus; extras may name prepared files: "--config.x={latin1}"."""
     return lambda files, workdir: ["--config", f"{MLM}:smoke", "--workdir", workdir,
-                                   *files["corpus"], *extra]
-
-
-def _mlm_with(*extra: str):
-    """MLM smoke with prepared files in overrides: "--config.data.files.train={latin1}"."""
-    return lambda files, workdir: _mlm()(files, workdir) + [x.format(**files) for x in extra]
+                                   *files["corpus"], *[x.format(**files) for x in extra]]
 
 
 def _classify(*extra: str):
@@ -344,15 +340,15 @@ BAD_INPUTS: list[BadInput] = [
     # files
     BadInput("missing train file", _mlm("--config.data.files.train=/nonexistent/train.txt"),
              "data.files.train", on_finished_run=False),
-    BadInput("non-UTF-8 corpus", _mlm_with("--config.data.files.train={latin1}"),
+    BadInput("non-UTF-8 corpus", _mlm("--config.data.files.train={latin1}"),
              "is not UTF-8 at line", on_finished_run=False),
-    BadInput("empty corpus", _mlm_with("--config.data.files.train={empty}"), "empty",
+    BadInput("empty corpus", _mlm("--config.data.files.train={empty}"), "empty",
              on_finished_run=False),
-    BadInput("corpus smaller than a batch", _mlm_with("--config.data.files.train={tiny}"),
+    BadInput("corpus smaller than a batch", _mlm("--config.data.files.train={tiny}"),
              "fewer than one batch", on_finished_run=False),
     BadInput("missing tokenizer file", _mlm("--config.tokenizer.model_file=/nonexistent.model"),
              "tokenizer.model_file", on_finished_run=False),
-    BadInput("corrupt tokenizer file", _mlm_with("--config.tokenizer.model_file={garbage}"),
+    BadInput("corrupt tokenizer file", _mlm("--config.tokenizer.model_file={garbage}"),
              "not a readable sentencepiece model", on_finished_run=False),
     BadInput("CSV cell past the limit", _classify("--config.data.files.train={huge_cell}",
                                                   "--config.data.files.validation={huge_cell}"),
