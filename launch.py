@@ -2,7 +2,8 @@
 
 Modes: train (default; resumes from --workdir), plot (redraw a workdir's curves),
 predict (label config.predict.input with the workdir's model, or with an exported
-artifact given as config.predict.artifact), export (the workdir's
+artifact given as config.predict.artifact), embed (config.predict.input's documents as
+vectors: .npy + row ids; topic tasks), export (the workdir's
 model as a self-contained artifact in <workdir>/export/), sweep (grid over
 config.sweep.grid) and cv (k-fold cross-validation), each run in a sub-workdir.
 Errors in configs, files or data (`encoder_jax.errors.Error`) and a full disk print one
@@ -22,7 +23,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, plots)")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "plot", "predict", "export", "sweep", "cv"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "plot", "predict", "export", "embed", "sweep", "cv"],
                           "what to do")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -54,6 +55,11 @@ def main(argv):
             print("predictions:", export.predict_with_artifact(_CONFIG.value, _WORKDIR.value))
             return
         print("predictions:", train.predict(_CONFIG.value, _WORKDIR.value))
+        return
+    if _MODE.value == "embed":
+        from encoder_jax import tasks
+
+        print("embeddings:", tasks.load(_CONFIG.value.task, "embed").embed(_CONFIG.value, _WORKDIR.value))
         return
     if _MODE.value == "export":
         from encoder_jax import export

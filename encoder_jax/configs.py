@@ -19,6 +19,7 @@ import typing
 from typing import Any, Mapping, TypeVar
 
 from encoder_jax import errors
+from encoder_jax.config_types import check_type, field_types, to_dict  # noqa: F401  (to_dict re-exported)
 
 T = TypeVar("T")
 
@@ -63,7 +64,7 @@ class ClassifyDataConfig:
     text_fields: str = "text"  # comma-separated header names or 0-based indices
     text_mode: str = "join"  # join | pair
     join_separator: str = " "
-    label_field: str = "label"
+    label_field: str | None = "label"  # None: unlabelled (topic models; classification needs one)
     label_format: str = "auto"  # auto | index | name
     label_base: int = 0  # integer labels start here
     classes_file: str | None = None
@@ -151,6 +152,31 @@ class MaskedLmConfig:
     whole_word: bool = False
     mask_fraction: float = 0.8
     random_fraction: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class TopicsConfig:
+    """`topics`: clusters of documents (GMM on embeddings) and the document VAE / VaDE."""
+
+    num_topics: int = 4  # K: mixture components (GMM, VaDE clusters)
+    k_range: str | None = None  # GMM: "2-12" fits each K and keeps the lowest BIC; None: num_topics
+    covariance: str = "diag"  # GMM covariance: full | diag | spherical
+    n_init: int = 3  # GMM restarts (k-means++), the best log-likelihood kept
+    max_iter: int = 200
+    tol: float = 1e-4  # EM stops when the mean log-likelihood gains less
+    reg_covar: float = 1e-5  # added to covariance diagonals
+    pooling: str = "mean"  # embeddings: cls | mean (of the last layer's real tokens)
+    normalize: str = "l2"  # embeddings: none | l2 | whiten (PCA whitening fitted on the train split)
+    max_fit_docs: int = 20_000  # train documents the GMM (or VaDE prior) is fitted on
+    latent_dim: int = 32  # VAE latent size = number of latent topics
+    hidden_dim: int = 256  # VAE inference MLP width (two layers)
+    prior: str = "normal"  # VAE prior: normal | mixture (VaDE, K = num_topics)
+    pretrain_steps: int = 0  # VaDE: plain-VAE steps before the mixture prior is fitted
+    kl_warmup_steps: int = 500  # KL weight rises linearly 0 -> 1 over these steps
+    dropout_rate: float = 0.2
+    min_df: int = 2  # bag of words: tokens in fewer train documents are left out
+    max_df: float = 0.5  # ... and tokens in more than this fraction of them (stop words)
+    top_words: int = 10  # per topic / cluster, reported and scored for NPMI coherence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +301,10 @@ MINIMUMS: dict[type, dict[str, float]] = {
     CheckpointConfig: {"every_steps": 1, "keep": 1, "average_last": 0},
     EvalConfig: {"every_steps": 1, "batch_size": 1, "max_batches": 1, "early_stop_patience": 0},
     PredictConfig: {"batch_size": 1, "nbest": 1},
+    TopicsConfig: {"num_topics": 1, "n_init": 1, "max_iter": 1, "tol": 0.0, "reg_covar": 0.0,
+                   "max_fit_docs": 1, "latent_dim": 1, "hidden_dim": 1, "pretrain_steps": 0,
+                   "kl_warmup_steps": 0, "dropout_rate": 0.0, "min_df": 1, "max_df": 0.0,
+                   "top_words": 1},
 }
 
 
@@ -290,6 +320,8 @@ CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
     TranslationTokenizerConfig: _TOKENIZER_CHOICES,
     OptConfig: {"schedule": ("constant", "linear", "cosine", "rsqrt")},
     EvalConfig: {"best_mode": ("auto", "max", "min")},
+    TopicsConfig: {"covariance": ("full", "diag", "spherical"), "pooling": ("cls", "mean"),
+                   "normalize": ("none", "l2", "whiten"), "prior": ("normal", "mixture")},
 }
 
 
@@ -314,49 +346,6 @@ def word_segmenter(config) -> str:
     return given.get("word_segmenter") or TokenizerConfig.word_segmenter
 
 
-def to_dict(value: Any) -> dict[str, Any]:
-    """A ConfigDict / mapping / dataclass as a plain dict (nested values untouched)."""
-    if value is None:
-        return {}
-    if dataclasses.is_dataclass(value):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise errors.ConfigTypeError(f"expected a config section, got {type(value).__name__}")
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _types(annotation: Any) -> set[type]:
-    """The runtime types a field annotation names (`int | None` -> {int, NoneType})."""
-    return {typing.get_origin(a) or a for a in (typing.get_args(annotation)
-                                                if typing.get_origin(annotation) is not tuple
-                                                else ()) or (annotation,)}
-
-
-def _check_type(name: str, value: Any, annotation: Any) -> Any:
-    """`value` if the annotation admits it (lists become tuples, ints floats), else TypeError."""
-    types = _types(annotation)
-    if value is None and type(None) in types:
-        return None
-    if tuple in types and isinstance(value, (list, tuple)):
-        return tuple(value)
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    if float in types and int not in types and is_int:
-        return float(value)
-    if isinstance(value, bool) == (bool in types) and isinstance(value, tuple(types)):
-        return value
-    if bool in types and isinstance(value, bool):
-        return value
-    wanted = " or ".join(sorted(t.__name__ for t in types if t is not type(None)))
-    raise errors.ConfigTypeError(f"{name}={value!r} must be {wanted}" + (" or None" if type(None) in types else ""))
-
-
 def section(cls: type[T], value: Any, name: str) -> T:
     """`value` (ConfigDict, mapping, None or a `cls`) read into `cls`; checks names and types.
 
@@ -368,7 +357,7 @@ def section(cls: type[T], value: Any, name: str) -> T:
     if isinstance(value, cls):
         return value
     given = to_dict(value)
-    types = _field_types(cls)
+    types = field_types(cls)
     unknown = sorted(set(given) - set(types))
     if unknown:
         raise errors.ConfigKeyError(f"unknown config key {name}.{unknown[0]}; valid: {sorted(types)}")
@@ -378,7 +367,7 @@ def section(cls: type[T], value: Any, name: str) -> T:
         if dataclasses.is_dataclass(annotation):
             values[key] = section(annotation, raw, f"{name}.{key}")
         else:
-            values[key] = _check_type(f"{name}.{key}", raw, annotation)
+            values[key] = check_type(f"{name}.{key}", raw, annotation)
     result = cls(**values)
     check_minimums(cls, result, name)
     return result

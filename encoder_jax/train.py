@@ -289,6 +289,11 @@ def average_checkpoints(task: Task, s: Setup, state, eval_step, writer, workdir:
     return summary
 
 
+def replace_state(s: "Setup", state: dict[str, Any], new: dict[str, Any] | None) -> dict[str, Any]:
+    """A task's replacement train state (`Task.before_step`), placed as the state is; or `state`."""
+    return state if new is None else jax.device_put(new, s.shardings)
+
+
 def save_unless_saved(s: "Setup", state: dict[str, Any]) -> int:
     """Checkpoints the state's step unless that step is already saved; returns the step."""
     step = int(state["step"])
@@ -308,6 +313,9 @@ def stop_on_signal(logger, s: "Setup", state: dict[str, Any], signal_name: str) 
 
 def run(config, workdir: str) -> dict[str, Any]:
     """Trains `config.task` in `workdir`, resuming if it holds a checkpoint; returns final eval."""
+    module = tasks.load(config.task)
+    if hasattr(module, "fit"):  # fitted without gradient steps (EM): the task runs itself
+        return module.fit(config, workdir)
     trainer = TrainerConfig.from_config(config)
     if trainer.ckpt.average_last > trainer.ckpt.keep:
         raise errors.ConfigError(f"ckpt.average_last={trainer.ckpt.average_last} exceeds ckpt.keep="
@@ -336,7 +344,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         writer.write(done, "eval", summary)
         log.info("eval at step %d: %s", done, {k: round(v, 4) for k, v in summary.items()})
         if task.on_eval is not None and is_lead:
-            task.on_eval(done, summary)
+            task.on_eval(done, summary, state)
         if keeper.update(done, summary, state["params"]) and task.on_best and is_lead:
             task.on_best(done, summary)
         logger.restart_clock()  # keep eval time out of throughput
@@ -351,6 +359,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                 break
             if preemption.agreed(signals.requested):
                 stop_on_signal(logger, s, state, signals.signal_name or "a signal on another host")
+            if task.before_step is not None:
+                state = replace_state(s, state, task.before_step(step, state))
             host_batch = next(s.train_iter)
             batch = parallel.put_batch(host_batch, s.batch_sharding)
             state, metrics = s.compiled_for(batch)(state, batch, s.train_key)

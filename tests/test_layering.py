@@ -51,11 +51,11 @@ MAX_FUNCTION_LINES = 80
 # ("encoder_jax.data" covers "encoder_jax.data.tokenizer"); an entry without a dot (the
 # package's own __init__) covers only itself, so a new top-level module is unranked.
 LAYERS: dict[int, tuple[str, ...]] = {
-    0: ("encoder_jax.layers", "encoder_jax.configs", "encoder_jax.errors"),
-    1: ("encoder_jax.models",),
+    0: ("encoder_jax.layers", "encoder_jax.configs", "encoder_jax.config_types", "encoder_jax.errors"),
+    1: ("encoder_jax.models", "encoder_jax.topic_models"),
     2: ("encoder_jax.data", "encoder_jax.optim", "encoder_jax.parallel", "encoder_jax.checkpoint",
         "encoder_jax.hf_bert", "encoder_jax.metrics", "encoder_jax.decode", "encoder_jax.losses", "encoder_jax.batcher", "encoder_jax.hub",
-        "encoder_jax.preemption", "encoder_jax.gmm", "encoder_jax.clustering",
+        "encoder_jax.preemption", "encoder_jax.gmm", "encoder_jax.clustering", "encoder_jax.embeddings",
         "encoder_jax.serve_metrics", "encoder_jax"),
     3: ("encoder_jax.workdir", "encoder_jax.reporting", "encoder_jax.artifact",
         "encoder_jax.serve_engine", "encoder_jax.serve_app"),

@@ -135,7 +135,7 @@ def open_splits(data_cfg, data_dir: str, need_validation: bool = True) -> dict[s
     """
     data_cfg = configs.section(configs.ClassifyDataConfig, data_cfg, "data")
     text_fields = split_fields(data_cfg.text_fields, "data.text_fields")
-    label_field = str(data_cfg.label_field)
+    label_field = str(data_cfg.label_field) if data_cfg.label_field else None  # None: unlabelled
     train_files = sources.expand_files(data_cfg.files.train, "data.files.train")
     valid_files = sources.expand_files(data_cfg.files.validation, "data.files.validation")
     file_format, has_header = data_cfg.format or "auto", data_cfg.has_header
@@ -158,7 +158,9 @@ def open_splits(data_cfg, data_dir: str, need_validation: bool = True) -> dict[s
     if file_format not in ("csv", "tsv"):
         raise DataError(f"data.format={file_format!r}; classification reads csv or tsv "
                         f"(set data.format for other extensions, e.g. .txt)")
-    columns = dict(zip(text_keys(len(text_fields)), text_fields), label=label_field)
+    columns = dict(zip(text_keys(len(text_fields)), text_fields))
+    if label_field is not None:
+        columns["label"] = label_field
     splits = {"train": train_files, **({"validation": valid_files} if valid_files else {})}
     spec = sources.LocalFilesSpec(splits=splits, file_format=file_format, columns=columns,
                                   has_header=has_header)

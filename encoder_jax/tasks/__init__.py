@@ -1,7 +1,9 @@
 """The task registry: task name -> module and the modes it supports, consulted once per run.
 
 A task module provides `build(config, workdir, shard_index, shard_count) -> Task`
-(training) and, for each optional mode it declares, `predict(config, run)` etc.
+(training by the one trainer) or, for a model fitted without gradient steps (EM),
+`fit(config, workdir) -> final metrics`; and, for each optional mode it declares,
+`predict(config, run)`, `embed(config, workdir)` etc.
 Modules are imported by name only when chosen, so a task's heavy dependencies
 (scikit-learn for classification, sacrebleu for translation) load only for it.
 """
@@ -14,7 +16,7 @@ from types import ModuleType
 
 from encoder_jax import errors
 
-MODES = ("train", "predict", "export")
+MODES = ("train", "predict", "export", "embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,8 @@ TASKS = {
     "mlm": TaskEntry("encoder_jax.tasks.mlm"),
     "classify": TaskEntry("encoder_jax.tasks.classify", ("train", "predict")),
     "translate": TaskEntry("encoder_jax.tasks.translate", ("train", "predict")),
+    "gmm_topics": TaskEntry("encoder_jax.tasks.topics.gmm_topics", ("train", "embed")),
+    "vae_topics": TaskEntry("encoder_jax.tasks.topics.vae_topics", ("train", "embed")),
 }
 
 

@@ -36,9 +36,13 @@ class Task:
         sums without dropout.
       summarize_eval: optional; when set, evaluation hands it eval_fn's per-batch outputs
         (host numpy, every batch in order) instead of summing them; -> scalars to log.
-      on_eval: (step, summary) -> None, for reports after each evaluation.
+      on_eval: (step, summary, train state) -> None, for reports after each evaluation.
       on_best: (step, summary) -> None, after an evaluation that improved `eval.best_metric`.
       lr_scale: optional parameter path -> learning-rate factor (e.g. layer-wise decay).
+      before_step: optional (step, train state) -> a replacement train state or None, called
+        on every process before step `step` runs (e.g. VaDE fits its mixture prior to the
+        encoder's latent means at the step its pretraining ends); it must be deterministic,
+        so a resumed run that replays the step replays the change.
       batch_rows: config field -> this process's rows per batch (or the multiple every
         batch's rows are), the train batch first; the trainer checks that each splits over
         the local devices (and the train batch into `opt.grad_accum_steps` micro-batches).
@@ -57,9 +61,10 @@ class Task:
     init_from: Callable[[Any], Any] | None = None
     eval_fn: Callable[..., Any] | None = None
     summarize_eval: Callable[[Iterable[dict[str, np.ndarray]]], dict[str, float]] | None = None
-    on_eval: Callable[[int, dict[str, float]], None] | None = None
+    on_eval: Callable[[int, dict[str, float], dict[str, Any]], None] | None = None
     on_best: Callable[[int, dict[str, float]], None] | None = None
     lr_scale: Callable[[tuple[str, ...]], float] | None = None
+    before_step: Callable[[int, dict[str, Any]], dict[str, Any] | None] | None = None
     batch_rows: dict[str, int] = dataclasses.field(default_factory=dict)
 
 

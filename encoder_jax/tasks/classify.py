@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from encoder_jax import errors
-from encoder_jax import configs, metrics, optim, pretrained as pretrained_lib
+from encoder_jax import configs, errors, metrics, optim, pretrained as pretrained_lib
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, classification as data_lib, labels as labels_lib
 from encoder_jax.data import sources, tokenizer as tokenizer_lib
@@ -111,8 +110,6 @@ def summarize(sums: dict[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- data selection
 
 
-
-
 def select_examples(data_cfg: configs.ClassifyDataConfig, cv: configs.CvConfig,
                     train_ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Indices of the train split to train on and, for a CV fold, to evaluate on (else None).
@@ -157,6 +154,8 @@ def load_data(data_cfg: configs.ClassifyDataConfig, cv: configs.CvConfig, cache_
     The eval source is the validation split, or the held-out fold of a CV run.
     """
     num_texts = len(data_lib.split_fields(data_cfg.text_fields, "data.text_fields"))
+    if not data_cfg.label_field:
+        raise DataError("data.label_field is not set: classification needs labelled data")
     splits = data_lib.open_splits(data_cfg, cache_dir, need_validation=cv.fold is None)
     full_train = splits["train"]
     raw_train = labels_lib.read_raw_labels(full_train, num_texts, data_cfg.allow_empty_text)
@@ -276,7 +275,7 @@ def evaluation_hooks(workdir: str | None, eval_source, tokenizer, labels, encodi
         cache["last"] = (report, out["label"], probs_NxC)
         return metrics.scalars(report)
 
-    def on_eval(step, summary):
+    def on_eval(step, summary, state=None):
         if workdir and "last" in cache:
             report, labels_N, probs_NxC = cache["last"]
             metrics.write_report({"step": step, **report}, labels_N, probs_NxC,

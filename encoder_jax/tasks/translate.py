@@ -206,7 +206,7 @@ def evaluation_hooks(workdir, eval_examples, eval_source, target_tok, eos_id: in
         sums = {k: float(out[k].sum()) for k in ("loss", "nll", "accuracy", "denominator")}
         return {**summarize(sums), "bleu": scores["bleu"], "chrf": scores["chrf"]}
 
-    def on_eval(step, summary):
+    def on_eval(step, summary, state=None):
         if not workdir or "last" not in cache:
             return
         hypotheses, scores = cache["last"]
