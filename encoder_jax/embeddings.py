@@ -66,7 +66,8 @@ def embed_examples(embed: Callable[..., jax.Array], params: Any, examples: Seque
     if not examples:
         raise errors.DataError(f"{desc}: no documents to embed")
     out: list[np.ndarray | None] = [None] * len(examples)
-    batches = batching.eval_batches(list(examples), global_batch=batch_size, pad_lengths=pad_lengths)
+    ordered = [{**e, "index": i} for i, e in enumerate(examples)]  # rows come back by position
+    batches = batching.eval_batches(ordered, global_batch=batch_size, pad_lengths=pad_lengths)
     total = -(-len(examples) // batch_size)
     for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
         vectors_BxD = np.asarray(jax.device_get(embed(params, batch["ids"], batch["segment_ids"],

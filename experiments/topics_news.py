@@ -87,6 +87,8 @@ def data_config(dataset: str) -> tuple[ml_collections.ConfigDict, int]:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg == "smoke":  # the trainer smoke test's variant: the VAE on toy topics
+        arg = "vae_smoke"
     method, _, dataset = (arg or "gmm").partition("_")
     dataset = dataset or "ag_news"
     if method not in METHODS or dataset not in DATASETS:
@@ -112,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.topics.latent_dim = 8 if smoke else 32  # VAE topics
     c.topics.hidden_dim = 32 if smoke else 256
     c.topics.prior = "mixture" if method == "vade" else "normal"
-    c.topics.pretrain_steps = (4 if smoke else 1000) if method == "vade" else 0
+    c.topics.pretrain_steps = (1 if smoke else 1000) if method == "vade" else 0
     c.topics.kl_warmup_steps = 2 if smoke else 500
     c.topics.dropout_rate = 0.2
     c.topics.min_df = 2
@@ -146,11 +148,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.opt.warmup_steps = 0
     c.opt.weight_decay = 0.0
     c.opt.grad_clip_norm = 5.0
-    c.train = ml_collections.ConfigDict({"num_steps": 8 if smoke else 4000,
-                                         "log_every": 2 if smoke else 100})
-    c.ckpt = ml_collections.ConfigDict({"every_steps": 4 if smoke else 1000, "keep": 2,
+    c.train = ml_collections.ConfigDict({"num_steps": 2 if smoke else 4000,
+                                         "log_every": 1 if smoke else 100})
+    c.ckpt = ml_collections.ConfigDict({"every_steps": 2 if smoke else 1000, "keep": 2,
                                         "use_async": not smoke})
-    c.eval = ml_collections.ConfigDict({"every_steps": 4 if smoke else 1000,
+    c.eval = ml_collections.ConfigDict({"every_steps": 2 if smoke else 1000,
                                         "batch_size": config_dict.placeholder(int),
                                         "best_metric": config_dict.placeholder(str)})
     c.mesh = ml_collections.ConfigDict({"fsdp": 1, "min_shard_size": 2 ** 14})

@@ -120,6 +120,12 @@ def fit(config, workdir: str) -> dict[str, float]:
     workdir_lib.check_writable(workdir)
     corpus = common.load_corpus(data_cfg, data_cfg.data_dir or sources.default_data_dir())
     pretrained = encoder_source(config)
+    fit_docs = min(len(corpus.train), topics.max_fit_docs)
+    if max(k_candidates(topics)) > fit_docs:
+        field = "k_range" if topics.k_range else "num_topics"
+        raise errors.ConfigError(f"topics.{field}={getattr(topics, field)!r}: more components "
+                                 f"({max(k_candidates(topics))}) than the {fit_docs} training "
+                                 f"documents the mixture is fitted on")
     docs = embed_corpus(config, topics, data_cfg, pretrained, corpus)
     normalizer = embeddings.fit_normalizer(docs["train"], topics.normalize)
     X_train, X_eval = normalizer.apply(docs["train"]), normalizer.apply(docs["eval"])

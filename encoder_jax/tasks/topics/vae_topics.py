@@ -89,12 +89,14 @@ def functions(model: tm.DocumentVAE, stats: common.BowStats, topics: configs.Top
             result["cluster"] = jnp.argmax(result.pop("log_gamma"), -1)
         return result
 
-    def latent_mean(params, ids_BxL, segment_ids_BxL, type_ids_BxL):
+    def latent_moments(params, ids_BxL, segment_ids_BxL, type_ids_BxL):
+        """(B, 2Z): q(z|x)'s mean, then its variance."""
         counts_BxV = tm.bag_of_words(ids_BxL, segment_ids_BxL, vocab, keep_V)
-        return model.apply({"params": params}, tm.document_features(counts_BxV, idf_V),
-                           method=tm.DocumentVAE.encode)[0]
+        mean_BxZ, logvar_BxZ = model.apply({"params": params}, tm.document_features(counts_BxV, idf_V),
+                                           method=tm.DocumentVAE.encode)
+        return jnp.concatenate([mean_BxZ, jnp.exp(logvar_BxZ)], axis=-1)
 
-    return loss_fn, eval_fn, jax.jit(latent_mean)
+    return loss_fn, eval_fn, jax.jit(latent_moments)
 
 
 def summarize(sums: dict[str, Any]) -> dict[str, float]:
@@ -109,17 +111,24 @@ def summarize(sums: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def prior_from_latents(key, params, latent_mean, fit_docs, enc, topics, batch_size):
-    """params with VaDE's prior set from a diagonal GMM fitted to the latent means."""
-    means_NxZ = embeddings.embed_examples(latent_mean, params, fit_docs, pad_lengths=enc.pad_lengths,
-                                          batch_size=batch_size, desc="latent means")
+def prior_from_latents(key, params, latent_moments, fit_docs, enc, topics, batch_size):
+    """params with VaDE's prior set from a diagonal GMM fitted to the latent means.
+
+    Each component's variance also gets the mean posterior variance: the aggregate
+    posterior spreads around the means by that much, and a prior narrower than the
+    posteriors would make the KL term dwarf the reconstruction.
+    """
+    moments_Nx2Z = embeddings.embed_examples(latent_moments, params, fit_docs,
+                                             pad_lengths=enc.pad_lengths, batch_size=batch_size,
+                                             desc="latent means")
+    means_NxZ, variances_NxZ = np.split(moments_Nx2Z, 2, axis=1)
     mixture = gmm.fit(key, means_NxZ, topics.num_topics, "diag", n_init=topics.n_init,
                       max_iter=topics.max_iter, tol=topics.tol, reg_covar=topics.reg_covar)
     log.info("VaDE prior from a GMM on %d latent means: log-likelihood %.4f", len(means_NxZ),
              float(mixture.lower_bound))
+    variances_KxZ = np.asarray(mixture.covariances) + variances_NxZ.mean(0)[None]
     return {**params, "prior_logits": np.log(np.asarray(mixture.weights_K)),
-            "prior_means": np.asarray(mixture.means_KxD),
-            "prior_logvars": np.log(np.asarray(mixture.covariances))}
+            "prior_means": np.asarray(mixture.means_KxD), "prior_logvars": np.log(variances_KxZ)}
 
 
 def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 1) -> Task:
@@ -140,7 +149,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         stats.save(workdir)
         workdir_lib.write_json(workdir_lib.path(workdir, MODEL_FILE), fields)
     model = make_model(fields, stats.background_V)
-    loss_fn, eval_fn, latent_mean = functions(model, stats, topics)
+    loss_fn, eval_fn, latent_moments = functions(model, stats, topics)
     rng = np.random.default_rng(config.seed)
     fit_docs = [train_docs[i] for i in np.sort(rng.permutation(len(train_docs))[:topics.max_fit_docs])]
     rows = data_cfg.batch_size // shard_count
@@ -151,7 +160,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         if not model.num_components or step != topics.pretrain_steps:
             return None
         params = prior_from_latents(jax.random.key(config.seed), jax.device_get(state["params"]),
-                                    latent_mean, fit_docs, enc, topics, data_cfg.batch_size)
+                                    latent_moments, fit_docs, enc, topics, data_cfg.batch_size)
         return {**state, "params": params}
 
     return Task(
@@ -266,7 +275,8 @@ def embed(config, workdir: str) -> str:
     params = checkpoint.load_params(workdir_lib.checkpoint_source(workdir))
     model = make_model(fields, None)
     topics = configs.section(configs.TopicsConfig, config.topics, "topics")
-    latent_mean = functions(model, stats, topics)[2]
+    latent_moments = functions(model, stats, topics)[2]
+    latent_mean = lambda p, *batch: latent_moments(p, *batch)[:, :model.latent_dim]
     enc = common.encoding(data_cfg, 1)
     examples, ids = common.embed_inputs(config, tokenizer, enc)
     X = embeddings.check_finite(embeddings.embed_examples(
