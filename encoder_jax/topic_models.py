@@ -3,8 +3,11 @@
 A document is its bag of words over the tokenizer's vocabulary (counts (B, V));
 the inference network sees log(1 + counts) x idf, L2-normalised, and returns a
 diagonal Gaussian q(z|x); z = mean + std * eps (the reparameterisation trick); the
-decoder reads theta = softmax(z), so each latent dimension is a topic, through
-`topics (Z, V)` plus a background log-frequency bias, into log p(word | doc).
+decoder (NVDM's) maps z through `topics (Z, V)` plus a background log-frequency bias to
+log p(word | doc), so each latent dimension is a direction in word space whose largest
+weights are its topic's words. (A ProdLDA decoder, theta = softmax(z), collapsed to the
+background here without its batch normalisation: the KL went to 0 and the reconstruction
+never left the unigram baseline on AG News.)
 
     ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z))
 
@@ -50,7 +53,7 @@ class DocumentVAE(nn.Module):
       latent_dim: Z, the number of latent topics.
       hidden_dim: width of the two-layer inference MLP.
       num_components: K of the VaDE mixture prior; 0 for the standard normal prior.
-      dropout_rate: on the inference MLP's output and on theta.
+      dropout_rate: on the inference MLP's output and on z before decoding.
       background_V: initial decoder bias, the log unigram frequencies (None: zeros).
     """
 
@@ -90,8 +93,8 @@ class DocumentVAE(nn.Module):
 
     def decode(self, z_BxZ: jax.Array, deterministic: bool = True) -> jax.Array:
         """log p(word | z): (B, V) log-probabilities."""
-        theta_BxZ = self.dropout(jax.nn.softmax(z_BxZ, axis=-1), deterministic=deterministic)
-        return jax.nn.log_softmax(theta_BxZ @ self.topics + self.background[None], axis=-1)
+        z_BxZ = self.dropout(z_BxZ, deterministic=deterministic)
+        return jax.nn.log_softmax(z_BxZ @ self.topics + self.background[None], axis=-1)
 
     def prior(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """VaDE's (log weights (K,), means (K, Z), log-variances (K, Z))."""

@@ -11,7 +11,7 @@ plain VAE; before the next step, `before_step` fits `gmm` (diagonal, K = num_top
 the latent means of up to topics.max_fit_docs training documents and sets the prior from
 it. Evaluation reports the held-out reconstruction, KL, ELBO and perplexity bound, and
 clusters of the evaluation documents: the VAE's from a GMM fitted on the training
-documents' latent means, VaDE's from q(c|x). Reports go to <workdir>/topics/.
+documents' latent means (normalised by topics.normalize), VaDE's from q(c|x). Reports go to <workdir>/topics/.
 """
 
 from __future__ import annotations
@@ -204,10 +204,11 @@ def evaluation(workdir, corpus, tokenizer, enc, stats, topics, fit_docs, eval_cf
         if mixture_prior:
             clusters_N = out["cluster"][held]
         else:
-            mixture = gmm.fit(jax.random.key(seed), out["mean"][len(eval_docs):], topics.num_topics,
-                              "diag", n_init=topics.n_init, max_iter=topics.max_iter,
-                              tol=topics.tol, reg_covar=topics.reg_covar)
-            clusters_N = np.asarray(gmm.predict(mixture, out["mean"][held]))
+            normalizer = embeddings.fit_normalizer(out["mean"][len(eval_docs):], topics.normalize)
+            mixture = gmm.fit(jax.random.key(seed), normalizer.apply(out["mean"][len(eval_docs):]),
+                              topics.num_topics, "diag", n_init=topics.n_init,
+                              max_iter=topics.max_iter, tol=topics.tol, reg_covar=topics.reg_covar)
+            clusters_N = np.asarray(gmm.predict(mixture, normalizer.apply(out["mean"][held])))
         summary.update(common.score(corpus, clusters_N))
         cache["last"] = (clusters_N, out["mean"][held])
         return summary
