@@ -47,9 +47,12 @@ class TrainerConfig:
     @classmethod
     def from_config(cls, config) -> "TrainerConfig":
         read = lambda kind, name: configs.section(kind, config.get(name), name)
+        ckpt = read(configs.CheckpointConfig, "ckpt")
+        if ckpt.average_last > ckpt.keep:
+            raise errors.ConfigError(f"ckpt.average_last={ckpt.average_last} exceeds ckpt.keep="
+                                     f"{ckpt.keep}: keep at least as many checkpoints as are averaged")
         return cls(task=config.task, seed=int(config.seed), opt=read(configs.OptConfig, "opt"),
-                   train=read(configs.TrainConfig, "train"),
-                   ckpt=read(configs.CheckpointConfig, "ckpt"),
+                   train=read(configs.TrainConfig, "train"), ckpt=ckpt,
                    eval=read(configs.EvalConfig, "eval"), mesh=read(configs.MeshConfig, "mesh"))
 
 
@@ -289,11 +292,6 @@ def average_checkpoints(task: Task, s: Setup, state, eval_step, writer, workdir:
     return summary
 
 
-def replace_state(s: "Setup", state: dict[str, Any], new: dict[str, Any] | None) -> dict[str, Any]:
-    """A task's replacement train state (`Task.before_step`), placed as the state is; or `state`."""
-    return state if new is None else jax.device_put(new, s.shardings)
-
-
 def save_unless_saved(s: "Setup", state: dict[str, Any]) -> int:
     """Checkpoints the state's step unless that step is already saved; returns the step."""
     step = int(state["step"])
@@ -312,14 +310,16 @@ def stop_on_signal(logger, s: "Setup", state: dict[str, Any], signal_name: str) 
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-    """Trains `config.task` in `workdir`, resuming if it holds a checkpoint; returns final eval."""
+    """Trains `config.task` in `workdir` (resuming), or runs its `fit` (EM); returns final eval."""
     module = tasks.load(config.task)
-    if hasattr(module, "fit"):  # fitted without gradient steps (EM): the task runs itself
+    if hasattr(module, "fit"):
         return module.fit(config, workdir)
+    return train_steps(config, workdir)
+
+
+def train_steps(config, workdir: str) -> dict[str, Any]:
+    """The gradient-step loop of `run`."""
     trainer = TrainerConfig.from_config(config)
-    if trainer.ckpt.average_last > trainer.ckpt.keep:
-        raise errors.ConfigError(f"ckpt.average_last={trainer.ckpt.average_last} exceeds ckpt.keep="
-                                 f"{trainer.ckpt.keep}: keep at least as many checkpoints as are averaged")
     workdir_lib.check_writable(workdir)
     is_lead = jax.process_index() == 0
     s = setup(config, trainer, workdir)
@@ -359,8 +359,9 @@ def run(config, workdir: str) -> dict[str, Any]:
                 break
             if preemption.agreed(signals.requested):
                 stop_on_signal(logger, s, state, signals.signal_name or "a signal on another host")
-            if task.before_step is not None:
-                state = replace_state(s, state, task.before_step(step, state))
+            if task.before_step is not None:  # a replacement state, placed as the state is
+                new = task.before_step(step, state)
+                state = state if new is None else jax.device_put(new, s.shardings)
             host_batch = next(s.train_iter)
             batch = parallel.put_batch(host_batch, s.batch_sharding)
             state, metrics = s.compiled_for(batch)(state, batch, s.train_key)
