@@ -10,7 +10,6 @@ bic.png.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, Sequence
@@ -291,7 +290,3 @@ def embed_inputs(config, tokenizer, enc) -> tuple[list[dict[str, Any]], list[str
                 for i, (ids, types) in enumerate(data_lib.encode_texts(tokenizer, texts, enc)
                                                  for texts in rows)]
     return examples, [str(i) for i in range(len(rows))]
-
-
-def json_line(value: dict[str, Any]) -> str:
-    return json.dumps(value, ensure_ascii=False)
