@@ -233,6 +233,14 @@ def test_vade_fits_its_prior_after_pretraining_resumes_and_embeds(data_cache, tm
     assert 0.0 <= summary["nmi"] <= 1.0 and summary["kl"] >= 0 and np.isfinite(summary["elbo"])
     report = json.load(open(os.path.join(workdir, "topics", "report.json")))
     assert len(report["topics"]) == config.topics.latent_dim and report["clusters"]
+    # Stopped at the step the prior is refitted and resumed: the hook replays, the run is the same.
+    split = str(tmp_path / "vade_split")
+    config.train.max_steps_per_run = 2
+    train.run(config, split)
+    train.run(config, split)
+    resumed = checkpoint.load_params(split, 4)
+    for name in ("prior_means", "prior_logvars", "topics"):
+        np.testing.assert_allclose(resumed[name], params[name], rtol=1e-5, atol=1e-6, err_msg=name)
     config.predict.input = os.path.join(data_cache, "builtin", "toy_topics_v1", "validation.csv")
     output = vae_topics.embed(config, workdir)
     X, probs = np.load(output), np.load(output[:-4] + ".clusters.npy")
