@@ -45,6 +45,15 @@ def test_smoke_variant_trains_and_resumes(experiment, tmp_path, cache_env):
         after = f.read()
     assert after.startswith(before) and '"step": 3' in after[len(before):]
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+    if experiment.endswith("topics_news.py"):  # --mode embed: the trained VAE's latent means
+        docs = tmp_path / "docs.csv"
+        docs.write_text("title,body\nbank stock,market price\ncup goal,the team won\nchip,code\n")
+        embedded = launch("--config", f"{experiment}:smoke", "--workdir", workdir, "--mode", "embed",
+                          f"--config.predict.input={docs}", env=cache_env)
+        assert embedded.returncode == 0, embedded.stderr[-3000:]
+        assert np.load(os.path.join(workdir, "embeddings.npy")).shape[0] == 3
+        with open(os.path.join(workdir, "embeddings.ids.txt")) as f:
+            assert f.read() == "0\n1\n2\n"
     pinned = PINNED_FIRST_LOSSES.get(os.path.basename(experiment))
     if pinned:
         import json
