@@ -28,7 +28,9 @@ import numpy as np
 from encoder_jax import errors
 
 COVARIANCE_TYPES = ("full", "diag", "spherical")
-CHUNK_ROWS = 4096  # E-step rows per chunk: the full-covariance intermediate is CHUNK x K x D
+CHUNK_ROWS = 1024  # E-step rows per chunk: the full-covariance intermediate is CHUNK x K x D
+# (1024 rows ran the full E-step at 1.4x the speed of 4096 at n=100k, d=256, K=16 on a CPU: the
+# intermediate stays in cache)
 
 
 @jax.tree_util.register_dataclass
