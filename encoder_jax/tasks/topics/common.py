@@ -133,6 +133,16 @@ def bow_stats(examples: Sequence[dict[str, Any]], tokenizer, min_df: int, max_df
                     background_V.astype(np.float32))
 
 
+def frequent_enough(examples: Sequence[dict[str, Any]], keep_V: np.ndarray,
+                    min_fraction: float = 0.002) -> np.ndarray:
+    """keep_V limited to tokens in at least `min_fraction` of `examples` (and 5 of them): topic
+    words ranked by decoder weight alone would be rare names that never co-occur."""
+    df_V = np.zeros(len(keep_V), np.int64)
+    for example in examples:
+        df_V[np.unique(np.asarray(example["ids"]))] += 1
+    return keep_V * (df_V >= max(5, min_fraction * len(examples)))
+
+
 def token_name(tokenizer, token: int) -> str:
     text = tokenizer.decode([int(token)]).strip()
     return text or f"#{int(token)}"
@@ -174,10 +184,12 @@ def score(corpus: Corpus, clusters_N: np.ndarray) -> dict[str, float]:
 
 
 def cluster_report(corpus: Corpus, clusters_N: np.ndarray, examples: Sequence[dict[str, Any]],
-                   tokenizer, keep_V: np.ndarray, top: int) -> dict[str, Any]:
-    """Per cluster: size, label composition (if labelled) and top words; mean NPMI of those words."""
+                   tokenizer, keep_V: np.ndarray, top: int,
+                   reference: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per cluster: size, label composition (if labelled) and top words; mean NPMI of those words
+    over the `reference` documents (training documents: more co-occurrences than a dev split)."""
     words = cluster_words(examples, clusters_N, keep_V, top)
-    npmi = coherence(list(words.values()), examples)
+    npmi = coherence(list(words.values()), reference)
     sizes = dict(zip(*np.unique(clusters_N, return_counts=True)))
     composition = {}
     if corpus.eval_labels is not None:

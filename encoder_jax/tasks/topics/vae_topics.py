@@ -220,7 +220,7 @@ def evaluation(workdir, corpus, tokenizer, enc, stats, topics, fit_docs, eval_cf
             if topics_ZxV is not None and not topics_ZxV.is_fully_addressable:
                 topics_ZxV = None  # sharded across hosts: the report lists clusters only
             write_reports(workdir, step, summary, corpus, clusters_N, means_NxZ, eval_docs,
-                          tokenizer, stats, topics, topics_ZxV)
+                          tokenizer, stats, topics, topics_ZxV, fit_docs)
 
     return dict(eval_batches=eval_batches, summarize_eval=summarize_eval, on_eval=on_eval)
 
@@ -240,24 +240,27 @@ def collect(outputs, count: int) -> dict[str, np.ndarray]:
 
 
 def write_reports(workdir, step, summary, corpus, clusters_N, means_NxZ, eval_docs, tokenizer,
-                  stats, topics, topics_ZxV) -> None:
-    """Latent topics' top words (decoder rows) and the clusters' words, labels and coherence."""
+                  stats, topics, topics_ZxV, reference) -> None:
+    """Latent topics' top words (decoder rows) and the clusters' words, labels and coherence
+    (NPMI over the `reference` training documents)."""
     report = common.cluster_report(corpus, clusters_N, eval_docs, tokenizer, stats.keep_V,
-                                   topics.top_words)
+                                   topics.top_words, reference)
     summary = {**summary, "cluster_npmi": report["cluster_npmi"]}
     if topics_ZxV is not None:
-        report["topics"] = latent_topics(np.asarray(jax.device_get(topics_ZxV)), stats, eval_docs,
+        report["topics"] = latent_topics(np.asarray(jax.device_get(topics_ZxV)), stats, reference,
                                          tokenizer, topics.top_words)
         summary["topic_npmi"] = float(np.mean([t["npmi"] for t in report["topics"]]))
     common.write_report(workdir, f"Document topics at step {step}", summary, report)
     common.plot_projection(workdir, means_NxZ, clusters_N, corpus, "latent means")
 
 
-def latent_topics(topics_ZxV, stats, eval_docs, tokenizer, top: int) -> list[dict[str, Any]]:
-    """Each latent dimension's `top` kept words by decoder weight, with their NPMI."""
-    scores_ZxV = np.where(stats.keep_V[None] > 0, np.asarray(topics_ZxV), -np.inf)
+def latent_topics(topics_ZxV, stats, reference, tokenizer, top: int) -> list[dict[str, Any]]:
+    """Each latent dimension's `top` words by decoder weight (among words frequent enough in the
+    `reference` documents), with their NPMI over those documents."""
+    candidates_V = common.frequent_enough(reference, stats.keep_V)
+    scores_ZxV = np.where(candidates_V[None] > 0, np.asarray(topics_ZxV), -np.inf)
     ids = [[int(t) for t in np.argsort(-row, kind="stable")[:top]] for row in scores_ZxV]
-    npmi = common.coherence(ids, eval_docs)
+    npmi = common.coherence(ids, reference)
     return [{"topic": z, "npmi": round(n, 4), "words": [common.token_name(tokenizer, t) for t in ws]}
             for z, (ws, n) in enumerate(zip(ids, npmi))]
 
