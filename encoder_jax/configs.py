@@ -176,6 +176,7 @@ class TopicsConfig:
     dropout_rate: float = 0.2
     min_df: int = 2  # bag of words: tokens in fewer train documents are left out
     max_df: float = 0.5  # ... and tokens in more than this fraction of them (stop words)
+    bigram_buckets: int = 0  # VAE: also hashed bigrams of adjacent tokens, in this many buckets
     top_words: int = 10  # per topic / cluster, reported and scored for NPMI coherence
 
 
@@ -304,11 +305,12 @@ MINIMUMS: dict[type, dict[str, float]] = {
     TopicsConfig: {"num_topics": 1, "n_init": 1, "max_iter": 1, "tol": 0.0, "reg_covar": 0.0,
                    "max_fit_docs": 1, "latent_dim": 1, "hidden_dim": 1, "pretrain_steps": 0,
                    "kl_warmup_steps": 0, "dropout_rate": 0.0, "min_df": 1, "max_df": 0.0,
+                   "bigram_buckets": 0,
                    "top_words": 1},
 }
 
 
-_TOKENIZER_CHOICES = {"model_type": ("unigram", "bpe"), "word_segmenter": ("whitespace", "jieba", "auto")}
+_TOKENIZER_CHOICES = {"model_type": ("unigram", "bpe", "char"), "word_segmenter": ("whitespace", "jieba", "auto")}
 # Fields with a fixed set of values, checked when the section is read (before any work), so a
 # typo fails at once even where the value would only be used later (e.g. on a fresh tokenizer).
 CHOICES: dict[type, dict[str, tuple[str, ...]]] = {

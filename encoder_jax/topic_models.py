@@ -1,6 +1,7 @@
 """Document VAE (NVDM / ProdLDA style) and VaDE: the modules and their ELBO terms.
 
-A document is its bag of words over the tokenizer's vocabulary (counts (B, V));
+A document is its bag of words over the tokenizer's vocabulary (counts (B, V)), optionally
+with hashed bigrams of adjacent tokens (character bigrams for a character tokenizer);
 the inference network sees log(1 + counts) x idf, L2-normalised, and returns a
 diagonal Gaussian q(z|x); z = mean + std * eps (the reparameterisation trick); the
 decoder (NVDM's) maps z through `topics (Z, V)` plus a background log-frequency bias to
@@ -29,13 +30,36 @@ import numpy as np
 LOG_2PI = math.log(2 * math.pi)
 
 
+HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash (uint32 arithmetic wraps)
+
+
+def bigram_bucket(first, second, buckets: int):
+    """Hash bucket in [0, buckets) of the token pair (first, second); numpy or jax, same values."""
+    xp = jnp if isinstance(first, jax.Array) else np
+    first, second = xp.asarray(first).astype(xp.uint32), xp.asarray(second).astype(xp.uint32)
+    return ((first * xp.uint32(HASH_MULTIPLIER) + second) % xp.uint32(buckets)).astype(xp.int32)
+
+
 def bag_of_words(ids_BxL: jax.Array, segment_ids_BxL: jax.Array, vocab_size: int,
-                 keep_V: jax.Array) -> jax.Array:
-    """(B, V) float32 counts of the real tokens whose vocabulary entry is kept (`keep_V` 0/1)."""
+                 keep_W: jax.Array, bigram_buckets: int = 0, regular_V: jax.Array | None = None
+                 ) -> jax.Array:
+    """(B, W) float32 counts of the kept terms of each row: W = V + bigram_buckets.
+
+    Terms are the real tokens (columns < V) and, with `bigram_buckets`, the hashed pairs of
+    adjacent real regular tokens (column V + bucket; `regular_V` is 0 for special tokens).
+    A term counts when `keep_W` is 1 for it.
+    """
     batch = ids_BxL.shape[0]
-    weights_BxL = (segment_ids_BxL > 0).astype(jnp.float32) * keep_V[ids_BxL]
+    real_BxL = (segment_ids_BxL > 0).astype(jnp.float32)
     rows_BxL = jnp.broadcast_to(jnp.arange(batch)[:, None], ids_BxL.shape)
-    return jnp.zeros((batch, vocab_size), jnp.float32).at[rows_BxL, ids_BxL].add(weights_BxL)
+    counts_BxW = jnp.zeros((batch, vocab_size + bigram_buckets), jnp.float32)
+    counts_BxW = counts_BxW.at[rows_BxL, ids_BxL].add(real_BxL * keep_W[ids_BxL])
+    if bigram_buckets:
+        regular_BxL = real_BxL * regular_V[ids_BxL]
+        pairs_BxM = vocab_size + bigram_bucket(ids_BxL[:, :-1], ids_BxL[:, 1:], bigram_buckets)
+        weights_BxM = regular_BxL[:, :-1] * regular_BxL[:, 1:] * keep_W[pairs_BxM]
+        counts_BxW = counts_BxW.at[rows_BxL[:, 1:], pairs_BxM].add(weights_BxM)
+    return counts_BxW
 
 
 def document_features(counts_BxV: jax.Array, idf_V: jax.Array) -> jax.Array:

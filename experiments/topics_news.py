@@ -119,6 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.topics.dropout_rate = 0.2
     c.topics.min_df = 2
     c.topics.max_df = 0.5
+    c.topics.bigram_buckets = 0  # VAE: + hashed bigrams of adjacent tokens (THUCNews: of characters)
     c.topics.top_words = 10
 
     c.predict = ml_collections.ConfigDict()  # --mode embed
@@ -140,6 +141,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer.character_coverage = 0.9995
     c.tokenizer.max_sentences = 300_000
     c.tokenizer.word_segmenter = "auto"
+    if dataset == "thucnews":  # short headlines: characters and their bigrams as the words
+        c.tokenizer.model_type = "char"
+        c.topics.bigram_buckets = 32768
 
     c.opt = ml_collections.ConfigDict()
     c.opt.name = "adam"

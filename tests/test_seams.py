@@ -300,7 +300,7 @@ def test_config_choices_match_the_modules_that_use_them_and_fail_early():
     assert set(choices[configs.OptConfig]["schedule"]) == set(optim.SCHEDULES)
     assert set(choices[configs.ClassifyDataConfig]["text_mode"]) == set(classification.TEXT_MODES)
     assert set(choices[configs.ClassifyDataConfig]["label_format"]) == set(labels.LABEL_FORMATS)
-    with pytest.raises(ValueError, match=r"^tokenizer.model_type='word'; valid: \['unigram', 'bpe'\]$"):
+    with pytest.raises(ValueError, match=r"^tokenizer.model_type='word'; valid: \['unigram', 'bpe', 'char'\]$"):
         configs.section(configs.TokenizerConfig, {"model_type": "word"}, "tokenizer")
     with pytest.raises(ValueError, match=r"^opt.learning_rate=nan must be >= 0.0$"):
         configs.section(configs.OptConfig, {"learning_rate": float("nan")}, "opt")

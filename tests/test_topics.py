@@ -63,6 +63,27 @@ def test_bag_of_words_counts_real_kept_tokens_only():
     np.testing.assert_array_equal(counts, [[0, 0, 1, 2, 0], [0, 0, 0, 0, 3]])
 
 
+def test_hashed_bigrams_count_adjacent_regular_pairs_as_the_host_does():
+    from encoder_jax.tasks.topics.common import BowStats
+
+    ids = np.array([[2, 5, 6, 5, 6, 3, 0], [2, 7, 3, 0, 0, 0, 0]])  # 2 = [CLS], 3 = [SEP], 0 = pad
+    segments = (ids > 0).astype(np.int32)
+    regular = np.array([0, 0, 0, 0, 1, 1, 1, 1], np.float32)
+    buckets = 16
+    keep = np.concatenate([regular, np.ones(buckets, np.float32)])
+    counts = np.asarray(tm.bag_of_words(jnp.asarray(ids), jnp.asarray(segments), 8, jnp.asarray(keep),
+                                        buckets, jnp.asarray(regular)))
+    stats = BowStats(keep, keep, keep, regular, np.full((buckets, 2), -1, np.int32))
+    for row, real in zip(counts, ([2, 5, 6, 5, 6, 3], [2, 7, 3])):
+        expected = np.zeros(8 + buckets)
+        np.add.at(expected, stats.terms(np.array(real)), 1.0)
+        expected[:8] *= regular
+        np.testing.assert_array_equal(row, expected)
+    # (5, 6) twice and (6, 5) once; no pair with [CLS], [SEP] or padding.
+    assert counts[0, 8:].sum() == 3 and counts[1, 8:].sum() == 0
+    assert counts[0, 8 + int(tm.bigram_bucket(5, 6, buckets))] >= 2
+
+
 def _gaussian_kl(m, v, m2, v2):
     return 0.5 * np.sum(np.log(v2 / v) + (v + (m - m2) ** 2) / v2 - 1.0, axis=-1)
 

@@ -22,7 +22,7 @@ from encoder_jax.data.wordpiece import WordPieceTokenizer
 
 log = logging.getLogger("encoder_jax")
 
-MODEL_TYPES = ("unigram", "bpe")
+MODEL_TYPES = ("unigram", "bpe", "char")  # char: one piece per character (short Chinese texts)
 
 
 class SentencePieceTokenizer:

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from encoder_jax import clustering, configs, errors
+from encoder_jax import topic_models as tm
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, classification as data_lib, labels as labels_lib
 from encoder_jax.data import tokenizer as tokenizer_lib
@@ -92,84 +93,123 @@ def encode_docs(source, tokenizer, enc: data_lib.EncodingConfig, limit: int | No
 
 @dataclasses.dataclass(frozen=True)
 class BowStats:
-    """Which vocabulary entries count as words, their idf, and the background log-frequency."""
+    """The bag-of-words terms: which count, their idf, the background log-frequency.
 
-    keep_V: np.ndarray  # float32 0/1
-    idf_V: np.ndarray  # float32, smooth idf as scikit-learn's: log((1 + N) / (1 + df)) + 1
-    background_V: np.ndarray  # float32 log p(word) over the kept words (others: log of a tiny p)
+    Terms are the V vocabulary entries, then `bigram_buckets` hashed pairs of adjacent
+    regular tokens (`topic_models.bigram_bucket`); W = V + bigram_buckets.
+    """
+
+    keep_W: np.ndarray  # float32 0/1
+    idf_W: np.ndarray  # float32, smooth idf as scikit-learn's: log((1 + N) / (1 + df)) + 1
+    background_W: np.ndarray  # float32 log p(term) over the kept terms (others: log of a tiny p)
+    regular_V: np.ndarray  # float32 0 for special tokens
+    pairs_Bx2: np.ndarray  # int32: a token pair seen in each bucket (for reports), -1 if none
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.regular_V)
+
+    @property
+    def bigram_buckets(self) -> int:
+        return len(self.pairs_Bx2)
 
     def save(self, workdir: str) -> None:
-        np.savez(workdir_lib.path(workdir, BOW_FILE), keep=self.keep_V, idf=self.idf_V,
-                 background=self.background_V)
+        np.savez(workdir_lib.path(workdir, BOW_FILE), keep=self.keep_W, idf=self.idf_W,
+                 background=self.background_W, regular=self.regular_V, pairs=self.pairs_Bx2)
 
     @classmethod
     def load(cls, workdir: str) -> "BowStats | None":
         file_path = workdir_lib.path(workdir, BOW_FILE)
         if not os.path.isfile(file_path):
             return None
-        with np.load(file_path) as arrays:
-            return cls(arrays["keep"], arrays["idf"], arrays["background"])
+        with np.load(file_path) as a:
+            return cls(a["keep"], a["idf"], a["background"], a["regular"], a["pairs"])
+
+    def terms(self, ids: np.ndarray) -> np.ndarray:
+        """A document's term ids: its tokens, then V + the buckets of its regular adjacent pairs."""
+        ids = np.asarray(ids)
+        if not self.bigram_buckets:
+            return ids
+        both = (self.regular_V[ids[:-1]] > 0) & (self.regular_V[ids[1:]] > 0)
+        pairs = tm.bigram_bucket(ids[:-1][both], ids[1:][both], self.bigram_buckets)
+        return np.concatenate([ids, self.vocab_size + pairs])
 
 
-def bow_stats(examples: Sequence[dict[str, Any]], tokenizer, min_df: int, max_df: float) -> BowStats:
-    """Document frequencies over `examples`; words outside [min_df, max_df x N] and special
+def bow_stats(examples: Sequence[dict[str, Any]], tokenizer, min_df: int, max_df: float,
+              bigram_buckets: int = 0) -> BowStats:
+    """Document frequencies over `examples`; terms outside [min_df, max_df x N] and special
     tokens are left out (max_df removes stop words)."""
     vocab = tokenizer.vocab_size
-    df_V, total_V = np.zeros(vocab, np.int64), np.zeros(vocab, np.int64)
+    regular_V = np.ones(vocab, np.float32)
+    regular_V[special_ids(tokenizer)] = 0.0
+    pairs_Bx2 = np.full((bigram_buckets, 2), -1, np.int32)
+    shape = BowStats(np.zeros(0), np.zeros(0), np.zeros(0), regular_V, pairs_Bx2)
+    width = vocab + bigram_buckets
+    df_W, total_W = np.zeros(width, np.int64), np.zeros(width, np.int64)
     for example in examples:
         ids = np.asarray(example["ids"])
-        df_V[np.unique(ids)] += 1
-        np.add.at(total_V, ids, 1)
+        terms = shape.terms(ids)
+        df_W[np.unique(terms)] += 1
+        np.add.at(total_W, terms, 1)
+        if bigram_buckets:
+            fresh = terms[len(ids):] - vocab
+            unseen = pairs_Bx2[fresh, 0] < 0
+            both = (regular_V[ids[:-1]] > 0) & (regular_V[ids[1:]] > 0)
+            pairs_Bx2[fresh[unseen]] = np.stack([ids[:-1][both], ids[1:][both]], 1)[unseen]
     n = len(examples)
-    keep_V = (df_V >= min_df) & (df_V <= max_df * n)
-    keep_V[special_ids(tokenizer)] = False
-    if not keep_V.any():
+    keep_W = (df_W >= min_df) & (df_W <= max_df * n)
+    keep_W[:vocab] &= regular_V > 0
+    if not keep_W.any():
         raise errors.DataError(f"no vocabulary entry is in at least topics.min_df={min_df} and at most "
                                f"topics.max_df={max_df} of the {n} training documents")
-    idf_V = np.log((1.0 + n) / (1.0 + df_V)) + 1.0
-    kept_total = np.where(keep_V, total_V, 0).astype(np.float64)
-    background_V = np.log(np.maximum(kept_total, 1e-2) / kept_total.sum())
-    return BowStats(keep_V.astype(np.float32), idf_V.astype(np.float32),
-                    background_V.astype(np.float32))
+    idf_W = np.log((1.0 + n) / (1.0 + df_W)) + 1.0
+    kept_total = np.where(keep_W, total_W, 0).astype(np.float64)
+    background_W = np.log(np.maximum(kept_total, 1e-2) / kept_total.sum())
+    return BowStats(keep_W.astype(np.float32), idf_W.astype(np.float32),
+                    background_W.astype(np.float32), regular_V, pairs_Bx2)
 
 
-def frequent_enough(examples: Sequence[dict[str, Any]], keep_V: np.ndarray,
+def frequent_enough(examples: Sequence[dict[str, Any]], stats: BowStats,
                     min_fraction: float = 0.002) -> np.ndarray:
-    """keep_V limited to tokens in at least `min_fraction` of `examples` (and 5 of them): topic
+    """keep_W limited to terms in at least `min_fraction` of `examples` (and 5 of them): topic
     words ranked by decoder weight alone would be rare names that never co-occur."""
-    df_V = np.zeros(len(keep_V), np.int64)
+    df_W = np.zeros(len(stats.keep_W), np.int64)
     for example in examples:
-        df_V[np.unique(np.asarray(example["ids"]))] += 1
-    return keep_V * (df_V >= max(5, min_fraction * len(examples)))
+        df_W[np.unique(stats.terms(example["ids"]))] += 1
+    return stats.keep_W * (df_W >= max(5, min_fraction * len(examples)))
 
 
-def token_name(tokenizer, token: int) -> str:
-    text = tokenizer.decode([int(token)]).strip()
-    return text or f"#{int(token)}"
+def term_name(tokenizer, stats: BowStats, term: int) -> str:
+    """A token's text, or the text of a token pair seen in a bigram bucket."""
+    term = int(term)
+    if term >= stats.vocab_size:
+        pair = stats.pairs_Bx2[term - stats.vocab_size]
+        return tokenizer.decode([int(t) for t in pair]).strip() or f"#{term}" if pair[0] >= 0 else f"#{term}"
+    return tokenizer.decode([term]).strip() or f"#{term}"
 
 
-def cluster_words(examples: Sequence[dict[str, Any]], clusters_N: np.ndarray, keep_V: np.ndarray,
+def cluster_words(examples: Sequence[dict[str, Any]], clusters_N: np.ndarray, stats: BowStats,
                   top: int) -> dict[int, list[int]]:
-    """Per cluster, the `top` kept tokens most characteristic of it: p(w|c) log(p(w|c) / p(w))."""
-    vocab = len(keep_V)
-    ids = [np.asarray(e["ids"]) for e in examples]
-    counts = {int(c): np.zeros(vocab) for c in np.unique(clusters_N)}
-    for doc, cluster in zip(ids, clusters_N):
-        np.add.at(counts[int(cluster)], doc, 1.0)
-    overall_V = sum(counts.values()) * keep_V + 1e-9
-    overall_V /= overall_V.sum()
+    """Per cluster, the `top` kept terms most characteristic of it: p(w|c) log(p(w|c) / p(w))."""
+    keep_W = stats.keep_W
+    counts = {int(c): np.zeros(len(keep_W)) for c in np.unique(clusters_N)}
+    for example, cluster in zip(examples, clusters_N):
+        np.add.at(counts[int(cluster)], stats.terms(example["ids"]), 1.0)
+    overall_W = sum(counts.values()) * keep_W + 1e-9
+    overall_W /= overall_W.sum()
     words = {}
-    for cluster, count_V in counts.items():
-        p_V = count_V * keep_V / max((count_V * keep_V).sum(), 1e-9)
-        score_V = np.where(p_V > 0, p_V * np.log(np.maximum(p_V, 1e-12) / overall_V), -np.inf)
-        words[cluster] = [int(t) for t in np.argsort(-score_V, kind="stable")[:top]
-                          if np.isfinite(score_V[t])]
+    for cluster, count_W in counts.items():
+        p_W = count_W * keep_W / max((count_W * keep_W).sum(), 1e-9)
+        score_W = np.where(p_W > 0, p_W * np.log(np.maximum(p_W, 1e-12) / overall_W), -np.inf)
+        words[cluster] = [int(t) for t in np.argsort(-score_W, kind="stable")[:top]
+                          if np.isfinite(score_W[t])]
     return words
 
 
-def coherence(topics_ids: Sequence[Sequence[int]], examples: Sequence[dict[str, Any]]) -> list[float]:
-    """NPMI of each topic's words over the documents of `examples`."""
-    documents = ([str(t) for t in np.asarray(e["ids"])] for e in examples)
+def coherence(topics_ids: Sequence[Sequence[int]], examples: Sequence[dict[str, Any]],
+              stats: BowStats) -> list[float]:
+    """NPMI of each topic's terms over the documents of `examples`."""
+    documents = ([str(t) for t in stats.terms(e["ids"])] for e in examples)
     return clustering.npmi_coherence([[str(t) for t in topic] for topic in topics_ids], documents)
 
 
@@ -184,12 +224,12 @@ def score(corpus: Corpus, clusters_N: np.ndarray) -> dict[str, float]:
 
 
 def cluster_report(corpus: Corpus, clusters_N: np.ndarray, examples: Sequence[dict[str, Any]],
-                   tokenizer, keep_V: np.ndarray, top: int,
+                   tokenizer, stats: BowStats, top: int,
                    reference: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per cluster: size, label composition (if labelled) and top words; mean NPMI of those words
     over the `reference` documents (training documents: more co-occurrences than a dev split)."""
-    words = cluster_words(examples, clusters_N, keep_V, top)
-    npmi = coherence(list(words.values()), reference)
+    words = cluster_words(examples, clusters_N, stats, top)
+    npmi = coherence(list(words.values()), reference, stats)
     sizes = dict(zip(*np.unique(clusters_N, return_counts=True)))
     composition = {}
     if corpus.eval_labels is not None:
@@ -197,7 +237,7 @@ def cluster_report(corpus: Corpus, clusters_N: np.ndarray, examples: Sequence[di
             corpus.eval_labels, clusters_N, corpus.label_names)}
     rows = [{"cluster": c, "size": int(sizes[c]), "npmi": round(n, 4),
              "labels": composition.get(c, {}).get("labels"),
-             "words": [token_name(tokenizer, t) for t in ws]}
+             "words": [term_name(tokenizer, stats, t) for t in ws]}
             for (c, ws), n in zip(words.items(), npmi)]
     rows.sort(key=lambda r: -r["size"])
     return {"clusters": rows, "cluster_npmi": float(np.mean(npmi)) if npmi else 0.0}

@@ -137,7 +137,7 @@ def fit(config, workdir: str) -> dict[str, float]:
                "train_docs": float(len(X_train)), "eval_docs": float(len(X_eval))}
     stats = common.bow_stats(docs["train_docs"], docs["tokenizer"], topics.min_df, topics.max_df)
     report = common.cluster_report(corpus, clusters_N, docs["eval_docs"], docs["tokenizer"],
-                                   stats.keep_V, topics.top_words, docs["train_docs"])
+                                   stats, topics.top_words, docs["train_docs"])
     summary["cluster_npmi"] = report.pop("cluster_npmi")
     if jax.process_index() == 0:
         write_run(config, workdir, model, normalizer, summary, report, bics, X_eval, clusters_N, corpus)

@@ -35,28 +35,34 @@ log = logging.getLogger("encoder_jax")
 MODEL_FILE = "topic_model.json"
 
 
-def make_model(fields: dict[str, Any], background_V: np.ndarray | None) -> tm.DocumentVAE:
-    return tm.DocumentVAE(vocab_size=fields["vocab_size"], latent_dim=fields["latent_dim"],
+def make_model(fields: dict[str, Any], background_W: np.ndarray | None) -> tm.DocumentVAE:
+    return tm.DocumentVAE(vocab_size=fields["vocab_size"] + fields.get("bigram_buckets", 0),
+                          latent_dim=fields["latent_dim"],
                           hidden_dim=fields["hidden_dim"], num_components=fields["num_components"],
-                          dropout_rate=fields["dropout_rate"], background_V=background_V)
+                          dropout_rate=fields["dropout_rate"], background_V=background_W)
 
 
 def model_fields(topics: configs.TopicsConfig, vocab_size: int) -> dict[str, Any]:
-    return {"task": "vae_topics", "vocab_size": vocab_size, "latent_dim": topics.latent_dim,
+    return {"task": "vae_topics", "vocab_size": vocab_size, "bigram_buckets": topics.bigram_buckets,
+            "latent_dim": topics.latent_dim,
             "hidden_dim": topics.hidden_dim, "dropout_rate": topics.dropout_rate,
             "num_components": topics.num_topics if topics.prior == "mixture" else 0}
 
 
 def functions(model: tm.DocumentVAE, stats: common.BowStats, topics: configs.TopicsConfig):
     """(forward(params, batch, rng, train, mixture_kl), loss_fn, eval_fn, latent_mean)."""
-    keep_V, idf_V = jnp.asarray(stats.keep_V), jnp.asarray(stats.idf_V)
-    vocab = len(stats.keep_V)
+    keep_W, idf_W = jnp.asarray(stats.keep_W), jnp.asarray(stats.idf_W)
+    regular_V = jnp.asarray(stats.regular_V)
+
+    def bag(ids_BxL, segment_ids_BxL):
+        return tm.bag_of_words(ids_BxL, segment_ids_BxL, stats.vocab_size, keep_W,
+                               stats.bigram_buckets, regular_V)
 
     def forward(params, batch, rng, train):
-        counts_BxV = tm.bag_of_words(batch["ids"], batch["segment_ids"], vocab, keep_V)
+        counts_BxV = bag(batch["ids"], batch["segment_ids"])
         dropout_rng, sample_rng = jax.random.split(rng)
         mean, logvar, log_probs, z = model.apply(
-            {"params": params}, tm.document_features(counts_BxV, idf_V), deterministic=not train,
+            {"params": params}, tm.document_features(counts_BxV, idf_W), deterministic=not train,
             rngs={"dropout": dropout_rng, "sample": sample_rng})
         out = {"recon": tm.reconstruction(counts_BxV, log_probs), "mean": mean,
                "kl_normal": tm.kl_standard_normal(mean, logvar), "tokens": counts_BxV.sum(-1)}
@@ -91,8 +97,8 @@ def functions(model: tm.DocumentVAE, stats: common.BowStats, topics: configs.Top
 
     def latent_moments(params, ids_BxL, segment_ids_BxL, type_ids_BxL):
         """(B, 2Z): q(z|x)'s mean, then its variance."""
-        counts_BxV = tm.bag_of_words(ids_BxL, segment_ids_BxL, vocab, keep_V)
-        mean_BxZ, logvar_BxZ = model.apply({"params": params}, tm.document_features(counts_BxV, idf_V),
+        counts_BxV = bag(ids_BxL, segment_ids_BxL)
+        mean_BxZ, logvar_BxZ = model.apply({"params": params}, tm.document_features(counts_BxV, idf_W),
                                            method=tm.DocumentVAE.encode)
         return jnp.concatenate([mean_BxZ, jnp.exp(logvar_BxZ)], axis=-1)
 
@@ -142,13 +148,13 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     enc = common.encoding(data_cfg, corpus.num_texts)
     train_docs = common.encode_docs(corpus.train, tokenizer, enc)
     stats = (common.BowStats.load(workdir) if workdir else None) or common.bow_stats(
-        train_docs, tokenizer, topics.min_df, topics.max_df)
+        train_docs, tokenizer, topics.min_df, topics.max_df, topics.bigram_buckets)
     fields = model_fields(topics, tokenizer.vocab_size)
     if workdir and shard_index == 0:
         os.makedirs(workdir, exist_ok=True)
         stats.save(workdir)
         workdir_lib.write_json(workdir_lib.path(workdir, MODEL_FILE), fields)
-    model = make_model(fields, stats.background_V)
+    model = make_model(fields, stats.background_W)
     loss_fn, eval_fn, latent_moments = functions(model, stats, topics)
     rng = np.random.default_rng(config.seed)
     fit_docs = [train_docs[i] for i in np.sort(rng.permutation(len(train_docs))[:topics.max_fit_docs])]
@@ -166,7 +172,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     return Task(
         name="vae_topics",
         init_params=lambda key: model.init({"params": key, "sample": key, "dropout": key},
-                                           jnp.zeros((1, tokenizer.vocab_size)))["params"],
+                                           jnp.zeros((1, len(stats.keep_W))))["params"],
         loss_fn=loss_fn,
         train_data=data_lib.train_dataset(
             corpus.train, tokenizer, None, enc, global_batch=data_cfg.batch_size, seed=config.seed,
@@ -243,7 +249,7 @@ def write_reports(workdir, step, summary, corpus, clusters_N, means_NxZ, eval_do
                   stats, topics, topics_ZxV, reference) -> None:
     """Latent topics' top words (decoder rows) and the clusters' words, labels and coherence
     (NPMI over the `reference` training documents)."""
-    report = common.cluster_report(corpus, clusters_N, eval_docs, tokenizer, stats.keep_V,
+    report = common.cluster_report(corpus, clusters_N, eval_docs, tokenizer, stats,
                                    topics.top_words, reference)
     summary = {**summary, "cluster_npmi": report["cluster_npmi"]}
     if topics_ZxV is not None:
@@ -257,11 +263,12 @@ def write_reports(workdir, step, summary, corpus, clusters_N, means_NxZ, eval_do
 def latent_topics(topics_ZxV, stats, reference, tokenizer, top: int) -> list[dict[str, Any]]:
     """Each latent dimension's `top` words by decoder weight (among words frequent enough in the
     `reference` documents), with their NPMI over those documents."""
-    candidates_V = common.frequent_enough(reference, stats.keep_V)
-    scores_ZxV = np.where(candidates_V[None] > 0, np.asarray(topics_ZxV), -np.inf)
-    ids = [[int(t) for t in np.argsort(-row, kind="stable")[:top]] for row in scores_ZxV]
-    npmi = common.coherence(ids, reference)
-    return [{"topic": z, "npmi": round(n, 4), "words": [common.token_name(tokenizer, t) for t in ws]}
+    candidates_W = common.frequent_enough(reference, stats)
+    scores_ZxW = np.where(candidates_W[None] > 0, np.asarray(topics_ZxV), -np.inf)
+    ids = [[int(t) for t in np.argsort(-row, kind="stable")[:top]] for row in scores_ZxW]
+    npmi = common.coherence(ids, reference, stats)
+    return [{"topic": z, "npmi": round(n, 4),
+             "words": [common.term_name(tokenizer, stats, t) for t in ws]}
             for z, (ws, n) in enumerate(zip(ids, npmi))]
 
 
