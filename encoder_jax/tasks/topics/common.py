@@ -286,12 +286,7 @@ def plot_projection(workdir: str | None, X_NxD: np.ndarray, clusters_N: np.ndarr
         ax.set_title(f"{title}: {name}")
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
-    path = os.path.join(workdir, REPORT_DIR, "projection.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, workdir, "projection.png")
 
 
 def plot_bic(workdir: str | None, ks: Sequence[int], bics: Sequence[float], chosen: int) -> str | None:
@@ -309,7 +304,14 @@ def plot_bic(workdir: str | None, ks: Sequence[int], bics: Sequence[float], chos
     ax.set_xlabel("K (components)")
     ax.set_ylabel("BIC (lower is better)")
     ax.legend()
-    path = os.path.join(workdir, REPORT_DIR, "bic.png")
+    return save_figure(fig, workdir, "bic.png")
+
+
+def save_figure(fig, workdir: str, name: str) -> str:
+    """<workdir>/topics/<name>; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(workdir, REPORT_DIR, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
