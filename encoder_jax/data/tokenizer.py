@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import os
-import shutil
 from typing import Callable, Iterable, Iterator
 
 from encoder_jax import errors
@@ -93,12 +92,16 @@ class SentencePieceTokenizer:
         return cls(model.getvalue(), word_segmenter)
 
     def save(self, directory: str) -> str:
-        """Writes `tokenizer.model` into `directory`; returns its path."""
+        """Writes `tokenizer.model` into `directory` atomically; returns its path.
+
+        The temporary file is per process: every process of a multi-host run may save the
+        same tokenizer into a shared workdir at once (the last identical copy wins).
+        """
         path = os.path.join(directory, self.FILENAME)
-        tmp = path + ".tmp"
+        tmp = f"{path}.tmp.{os.getpid()}"
         with open(tmp, "wb") as f:
             f.write(self._proto)
-        shutil.move(tmp, path)
+        os.replace(tmp, path)
         return path
 
     def encode(self, text: str) -> list[int]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Iterable
 
 from encoder_jax import errors
@@ -173,7 +172,7 @@ def read_options(path: str) -> dict:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp.{os.getpid()}"  # per process: hosts may write the same file at once
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    shutil.move(tmp, path)
+    os.replace(tmp, path)
