@@ -52,8 +52,7 @@ def data_config(dataset: str) -> tuple[ml_collections.ConfigDict, int]:
     d.has_header = False
     d.text_fields = "text"
     d.join_separator = " "
-    d.label_field = config_dict.placeholder(str)  # scoring only; None: unlabelled
-    d.label_field = "label"
+    d.label_field = config_dict.FieldReference("label", field_type=str)  # scoring only; None: unlabelled
     d.label_format = "auto"
     d.label_base = 0
     d.classes_file = config_dict.placeholder(str)

@@ -182,10 +182,11 @@ def frequent_enough(examples: Sequence[dict[str, Any]], stats: BowStats,
 def term_name(tokenizer, stats: BowStats, term: int) -> str:
     """A token's text, or the text of a token pair seen in a bigram bucket."""
     term = int(term)
+    tokens = [term]
     if term >= stats.vocab_size:
-        pair = stats.pairs_Bx2[term - stats.vocab_size]
-        return tokenizer.decode([int(t) for t in pair]).strip() or f"#{term}" if pair[0] >= 0 else f"#{term}"
-    return tokenizer.decode([term]).strip() or f"#{term}"
+        tokens = [int(t) for t in stats.pairs_Bx2[term - stats.vocab_size]]
+    text = tokenizer.decode(tokens).strip() if min(tokens) >= 0 else ""
+    return text or f"#{term}"
 
 
 def cluster_words(examples: Sequence[dict[str, Any]], clusters_N: np.ndarray, stats: BowStats,

@@ -27,7 +27,7 @@ import numpy as np
 from encoder_jax import checkpoint, configs, embeddings, errors, gmm
 from encoder_jax import topic_models as tm
 from encoder_jax import workdir as workdir_lib
-from encoder_jax.data import classification as data_lib, sources
+from encoder_jax.data import batching, classification as data_lib, sources
 from encoder_jax.tasks.base import Task
 from encoder_jax.tasks.topics import common
 
@@ -50,7 +50,8 @@ def model_fields(topics: configs.TopicsConfig, vocab_size: int) -> dict[str, Any
 
 
 def functions(model: tm.DocumentVAE, stats: common.BowStats, topics: configs.TopicsConfig):
-    """(forward(params, batch, rng, train, mixture_kl), loss_fn, eval_fn, latent_mean)."""
+    """(loss_fn, eval_fn, latent_moments): the task's loss and eval outputs, and a jitted
+    (params, ids, segment_ids, type_ids) -> (B, 2Z) of q(z|x)'s means then variances."""
     keep_W, idf_W = jnp.asarray(stats.keep_W), jnp.asarray(stats.idf_W)
     regular_V = jnp.asarray(stats.regular_V)
 
@@ -196,8 +197,6 @@ def evaluation(workdir, corpus, tokenizer, enc, stats, topics, fit_docs, eval_cf
     cache: dict[str, Any] = {}
 
     def eval_batches():
-        from encoder_jax.data import batching
-
         return batching.eval_batches(eval_docs + extra, global_batch=eval_rows,
                                      pad_lengths=enc.pad_lengths, shard_index=shard_index,
                                      shard_count=shard_count)
