@@ -5,7 +5,8 @@ predict (label config.predict.input with the workdir's model, or with an exporte
 artifact given as config.predict.artifact), embed (config.predict.input's documents as
 vectors: .npy + row ids; topic tasks), export (the workdir's
 model as a self-contained artifact in <workdir>/export/), sweep (grid over
-config.sweep.grid) and cv (k-fold cross-validation), each run in a sub-workdir.
+config.sweep.grid) and cv (k-fold cross-validation), each run in a sub-workdir, and
+baseline (classification: TF-IDF + linear model on the same rows, report in <workdir>/baseline/).
 Errors in configs, files or data (`encoder_jax.errors.Error`) and a full disk print one
 line naming the field or file (set ENCODER_JAX_TRACEBACK=1 for the full traceback); any
 other exception is a bug and keeps its traceback. SIGTERM or Ctrl-C during training finishes
@@ -23,7 +24,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, plots)")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "plot", "predict", "export", "embed", "sweep", "cv"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "plot", "predict", "export", "embed", "sweep", "cv",
+                                           "baseline"],
                           "what to do")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -60,6 +62,12 @@ def main(argv):
         from encoder_jax import tasks
 
         print("embeddings:", tasks.load(_CONFIG.value.task, "embed").embed(_CONFIG.value, _WORKDIR.value))
+        return
+    if _MODE.value == "baseline":
+        from encoder_jax import tasks
+
+        report = tasks.load(_CONFIG.value.task, "baseline").baseline(_CONFIG.value, _WORKDIR.value)
+        print("baseline:", {k: round(report[k], 4) for k in ("accuracy", "f1_macro", "fit_seconds")})
         return
     if _MODE.value == "export":
         from encoder_jax import export

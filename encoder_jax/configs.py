@@ -39,7 +39,7 @@ class TextDataConfig:
     name: str | None = "python_docs"  # built-in corpus or a TFDS catalog name
     files: FilesConfig = FilesConfig()  # local files; override name
     format: str = "auto"  # auto | lines | paragraphs | wikiextractor | csv | tsv
-    text_column: str = "0"  # csv/tsv: header name or 0-based index
+    text_column: str = "0"  # csv/tsv: header name or 0-based index; "1,2": cells joined
     has_header: bool = False
     text_field: str = "text"  # field of TFDS catalog records
     train_split: str = "train"
@@ -218,6 +218,17 @@ class TrainConfig:
     log_every: int = 50
     max_steps_per_run: int | None = None  # checkpoint and exit after this many; None: to the end
     peak_flops_per_device: float | None = None  # None: measured matmul peak
+    time_budget: float | None = None  # minutes of training; the LR schedule runs on elapsed time
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """`baseline`: the TF-IDF + linear model a fine-tuned classifier must beat (--mode baseline)."""
+
+    features: str = "auto"  # auto (char for CJK text, else word) | word (1-2 grams) | char (1-3)
+    model: str = "svm"  # svm (linear SVM) | logreg (logistic regression)
+    C: float = 1.0  # inverse regularisation strength
+    max_features: int | None = None  # vocabulary cap; None: every n-gram seen in training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +309,8 @@ MINIMUMS: dict[type, dict[str, float]] = {
                       "max_len_a": 0, "max_len_b": 0.0, "samples": 0, "eval_batch_size": 1},
     OptConfig: {"learning_rate": 0.0, "warmup_steps": 0, "end_lr_fraction": 0.0,
                 "weight_decay": 0.0, "eps": 0.0, "grad_clip_norm": 0.0, "grad_accum_steps": 1},
-    TrainConfig: {"num_steps": 1, "log_every": 1, "max_steps_per_run": 1},
+    TrainConfig: {"num_steps": 1, "log_every": 1, "max_steps_per_run": 1, "time_budget": 0.0},
+    BaselineConfig: {"C": 0.0, "max_features": 1},
     CheckpointConfig: {"every_steps": 1, "keep": 1, "average_last": 0},
     EvalConfig: {"every_steps": 1, "batch_size": 1, "max_batches": 1, "early_stop_patience": 0},
     PredictConfig: {"batch_size": 1, "nbest": 1},
@@ -321,6 +333,7 @@ CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
     TokenizerConfig: _TOKENIZER_CHOICES,
     TranslationTokenizerConfig: _TOKENIZER_CHOICES,
     OptConfig: {"schedule": ("constant", "linear", "cosine", "rsqrt")},
+    BaselineConfig: {"features": ("auto", "word", "char"), "model": ("svm", "logreg")},
     EvalConfig: {"best_mode": ("auto", "max", "min")},
     TopicsConfig: {"covariance": ("full", "diag", "spherical"), "pooling": ("cls", "mean"),
                    "normalize": ("none", "l2", "whiten"), "prior": ("normal", "mixture")},

@@ -211,7 +211,8 @@ def export_run(config, workdir: str, out_dir: str | None = None) -> str:
 
 def predict_with_artifact(config, workdir: str) -> str:
     """--mode predict through `predict.artifact`: the server's loader, the same jsonl as predict."""
-    from encoder_jax.tasks import classify
+    from encoder_jax import reporting
+    from encoder_jax.data import classification
 
     pred_cfg = configs.section(configs.PredictConfig, config.predict, "predict")
     loaded = artifact.load_artifact(pred_cfg.artifact)
@@ -220,7 +221,7 @@ def predict_with_artifact(config, workdir: str) -> str:
                                  f"--mode predict labels texts with a 'classify' one")
     log.info("predicting with %s (checkpoint %s, step %s)", loaded.directory,
              loaded.card["source"]["checkpoint"], loaded.card["source"]["step"])
-    _, rows = classify.predict_rows(config, pred_cfg)
+    _, rows = classification.predict_rows(config.data, pred_cfg)
     output = pred_cfg.output or workdir_lib.path(workdir, workdir_lib.PREDICTIONS_FILE)
-    return classify.write_predictions(loaded.labels, loaded.classify(rows, pred_cfg.batch_size),
-                                      rows, output)
+    return reporting.write_predictions(loaded.labels, loaded.classify(rows, pred_cfg.batch_size),
+                                       rows, output)

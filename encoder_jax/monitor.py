@@ -61,6 +61,19 @@ def compiled_flops(compiled) -> float | None:
     return float(analysis.get("flops", 0.0)) or None if analysis else None
 
 
+def log_parameter_counts(task, abstract: Any, mesh) -> None:
+    """Logs the parameter count, devices and mesh, and how many parameters train."""
+    leaves = jax.tree_util.tree_leaves(abstract["params"])
+    num_params = sum(int(np.prod(a.shape)) for a in leaves)
+    log.info("task %s: %s parameters, %d devices, mesh %s", task.name, f"{num_params:,}",
+             jax.device_count(), dict(mesh.shape))
+    if task.trainable is not None:
+        mask = jax.tree_util.tree_leaves(task.trainable(abstract["params"]))
+        trained = sum(int(np.prod(a.shape)) for a, m in zip(leaves, mask) if m)
+        log.info("training %s of %s parameters (%.1f%%); the rest are frozen", f"{trained:,}",
+                 f"{num_params:,}", 100.0 * trained / max(num_params, 1))
+
+
 class StepLogger:
     """Host side of finished steps: non-finite check, window sums, one log line per window."""
 

@@ -11,10 +11,12 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 from encoder_jax import errors
-from encoder_jax.workdir import METRICS_FILE
+from encoder_jax.workdir import METRICS_FILE, write_text
 
 log = logging.getLogger("encoder_jax")
 
@@ -180,6 +182,22 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def write_predictions(names: Sequence[str], probs_NxC, rows: Sequence[Sequence[str]], output: str
+                      ) -> str:
+    """predictions.jsonl: per row its label, label id, probabilities and whether it was empty."""
+    lines = []
+    for index, probs_C in enumerate(probs_NxC):
+        best = int(np.argmax(probs_C))
+        lines.append(json.dumps({"index": index, "label": names[best], "label_id": best,
+                                 "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs_C)},
+                                 "empty": not any(t.strip() for t in rows[index])},
+                                ensure_ascii=False) + "\n")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    write_text(output, "".join(lines))
+    log.info("wrote %d predictions to %s", len(lines), output)
+    return output
 
 
 if __name__ == "__main__":

@@ -1,26 +1,26 @@
 """The one training loop: init or restore, sharded jitted step, eval, checkpoints, logs.
 
 Tasks plug in through `encoder_jax.tasks.base.Task`, chosen by name in the
-registry `encoder_jax.tasks`. The train state is
-`{"step", "params", "opt_state"}` plus `"model_state"` for tasks that keep
-non-parameter state; `init_train_state` builds it and `make_train_step` is the
-pure step, so benchmarks compile exactly what the trainer runs.
+registry `encoder_jax.tasks`. The train state and the pure step live in
+`encoder_jax.step` (re-exported here); `train.time_budget` is `encoder_jax.budget`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from encoder_jax import checkpoint as checkpoint_lib
-from encoder_jax import configs, errors, optim, parallel, preemption, reporting, tasks
+from encoder_jax import budget as budget_lib
+from encoder_jax import configs, errors, monitor, optim, parallel, preemption, reporting, tasks
 from encoder_jax import workdir as workdir_lib
+from encoder_jax.step import all_finite, init_train_state, make_eval_step, make_train_step  # noqa: F401
 from encoder_jax.tasks.base import Task
 from encoder_jax.monitor import (BestKeeper, StepLogger, compiled_flops, measure_peak_flops,
                                  metric_mode, peak_memory_bytes)
@@ -62,86 +62,6 @@ def build_task(config, workdir: str | None) -> Task:
     return module.build(config, workdir, jax.process_index(), jax.process_count())
 
 
-def init_train_state(task: Task, tx: optax.GradientTransformation, rng: jax.Array,
-                     params: Any = None, model_state: Any = None) -> dict[str, Any]:
-    """Step 0: fresh (or given) params, their optimizer state, and the task's model state."""
-    # The fresh params use `rng` itself, so a task's model state never changes them.
-    params = task.init_params(rng) if params is None else params
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-    if task.init_model_state is not None:
-        state["model_state"] = (task.init_model_state(jax.random.fold_in(rng, 1))
-                                if model_state is None else model_state)
-    return state
-
-
-def all_finite(tree: Any) -> jax.Array:
-    """() bool: every float leaf of `tree` is free of NaN and inf."""
-    checks = [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.stack(checks).all() if checks else jnp.array(True)
-
-
-def make_train_step(task: Task, tx: optax.GradientTransformation, schedule, accum_steps: int = 1):
-    """(state, batch, base_key) -> (state, metrics): pure, to be jitted once."""
-
-    def loss_and_aux(params, model_state, batch, rng, step):
-        loss, sums, new_state = task.loss_fn(params, model_state, batch, rng, step, True)
-        return loss, (sums, new_state)
-
-    grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
-
-    def accumulated(params, model_state, batch, rng, step):
-        micro = jax.tree_util.tree_map(
-            lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
-
-        def body(carry, inputs):
-            grads_sum, sums_sum, state = carry
-            index, micro_batch = inputs
-            (_, (sums, state)), grads = grad_fn(params, state, micro_batch,
-                                                jax.random.fold_in(rng, index), step)
-            return (jax.tree_util.tree_map(jnp.add, grads_sum, grads),
-                    jax.tree_util.tree_map(jnp.add, sums_sum, sums), state), None
-
-        first = jax.tree_util.tree_map(lambda x: x[0], micro)
-        sums_shape = jax.eval_shape(lambda: loss_and_aux(params, model_state, first, rng, step)[1][0])
-        zero = (jax.tree_util.tree_map(jnp.zeros_like, params),
-                jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape), model_state)
-        (grads, sums, model_state), _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), micro))
-        return jax.tree_util.tree_map(lambda g: g / accum_steps, grads), sums, model_state
-
-    def train_step(state, batch, base_key):
-        rng = jax.random.fold_in(base_key, state["step"])
-        model_state = state.get("model_state")
-        if accum_steps == 1:
-            (_, (sums, model_state)), grads = grad_fn(state["params"], model_state, batch, rng,
-                                                      state["step"])
-        else:
-            grads, sums, model_state = accumulated(state["params"], model_state, batch, rng,
-                                                   state["step"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {**sums, "grad_norm": optax.global_norm(grads),
-                   "param_norm": optax.global_norm(params),
-                   "update_norm": optax.global_norm(updates),
-                   "learning_rate": schedule(state["step"]),
-                   "state_finite": all_finite((params, opt_state))}
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-        if "model_state" in state:
-            new_state["model_state"] = model_state
-        return new_state, metrics
-
-    return train_step
-
-
-def make_eval_step(task: Task):
-    """(params, model_state, batch, rng, step) -> outputs: the task's eval_fn, or its loss sums."""
-    if task.eval_fn is not None:
-        return lambda params, model_state, batch, rng, step: task.eval_fn(params, model_state,
-                                                                          batch, rng)
-    return lambda params, model_state, batch, rng, step: task.loss_fn(
-        params, model_state, batch, rng, step, False)[1]
-
-
 def to_host(tree: Any) -> Any:
     """A pytree of global arrays as host numpy (gathered from every process)."""
     if jax.process_count() == 1:
@@ -178,19 +98,6 @@ def predict(config, workdir: str) -> str:
         workdir, word_segmenter=configs.word_segmenter(config)))
 
 
-def log_parameter_counts(task: Task, abstract: Any, mesh) -> None:
-    """Logs the parameter count, devices and mesh, and how many parameters train."""
-    leaves = jax.tree_util.tree_leaves(abstract["params"])
-    num_params = sum(int(np.prod(a.shape)) for a in leaves)
-    log.info("task %s: %s parameters, %d devices, mesh %s", task.name, f"{num_params:,}",
-             jax.device_count(), dict(mesh.shape))
-    if task.trainable is not None:
-        mask = jax.tree_util.tree_leaves(task.trainable(abstract["params"]))
-        trained = sum(int(np.prod(a.shape)) for a, m in zip(leaves, mask) if m)
-        log.info("training %s of %s parameters (%.1f%%); the rest are frozen", f"{trained:,}",
-                 f"{num_params:,}", 100.0 * trained / max(num_params, 1))
-
-
 @dataclasses.dataclass
 class Setup:
     """Everything `run` needs before its first step."""
@@ -205,21 +112,36 @@ class Setup:
     compiled_for: Any  # host batch on device -> compiled step for its shape
     train_key: jax.Array
     eval_key: jax.Array
+    budget: budget_lib.Budget | None = None  # train.time_budget
 
 
 def restore_or_init(task, tx, trainer: TrainerConfig, init_key, abstract, shardings, checkpointer,
                     train_iter) -> dict[str, Any]:
     """Resume from the workdir > initialise from a pretrained source (`task.init_from`) > fresh."""
+    timed = trainer.train.time_budget is not None
     if checkpointer.latest_step() is not None:
+        check_timed_resume(os.path.dirname(checkpointer.directory), timed)
         state = checkpointer.restore(abstract, train_iter)
         log.info("resumed from %s at step %d", checkpointer.directory, int(state["step"]))
         return state
-    state = jax.jit(lambda rng: init_train_state(task, tx, rng), out_shardings=shardings)(init_key)
+    state = jax.jit(lambda rng: init_train_state(task, tx, rng, timed=timed),
+                    out_shardings=shardings)(init_key)
     if task.init_from is None:
         return state
     params = jax.device_put(task.init_from(jax.device_get(state["params"])), shardings["params"])
-    return jax.jit(lambda p, m: init_train_state(task, tx, init_key, p, m),
+    return jax.jit(lambda p, m: init_train_state(task, tx, init_key, p, m, timed),
                    out_shardings=shardings)(params, state.get("model_state"))
+
+
+def check_timed_resume(workdir: str, timed: bool) -> None:
+    """A resume must keep `train.time_budget` set or unset: only timed checkpoints hold `elapsed_s`."""
+    saved = workdir_lib.read_json_if_exists(workdir_lib.path(workdir, workdir_lib.CONFIG_FILE)) or {}
+    was_timed = (saved.get("train") or {}).get("time_budget") is not None
+    if "train" in saved and was_timed != timed:
+        raise errors.ConfigError(
+            f"train.time_budget is {'set' if timed else 'unset'} but the run in {workdir} was started "
+            f"{'without' if timed else 'with'} one (its checkpoints differ): keep it as it was, or "
+            f"use a new --workdir")
 
 
 def check_batch_rows(batch_rows: dict[str, int], accum_steps: int, local_devices: int) -> None:
@@ -242,8 +164,15 @@ def setup(config, trainer: TrainerConfig, workdir: str) -> Setup:
     check_batch_rows(task.batch_rows, trainer.opt.grad_accum_steps, jax.local_device_count())
     tx, schedule = optim.build_optimizer(trainer.opt, trainer.train.num_steps, task.trainable,
                                          task.lr_scale)
+    budget = budget_lib.from_minutes(trainer.train.time_budget, trainer.train.num_steps,
+                                     trainer.opt.learning_rate)
+    if budget is not None:  # the optimizer at the peak rate; the step scales by the clock's rate
+        tx, _ = optim.build_optimizer(dataclasses.replace(trainer.opt, schedule="constant",
+                                                          warmup_steps=0),
+                                      trainer.train.num_steps, task.trainable, task.lr_scale)
     init_key, train_key, eval_key = jax.random.split(jax.random.key(trainer.seed), 3)
-    abstract = jax.eval_shape(lambda rng: init_train_state(task, tx, rng), init_key)
+    abstract = jax.eval_shape(lambda rng: init_train_state(task, tx, rng, timed=budget is not None),
+                              init_key)
     shardings = parallel.state_shardings(abstract, mesh, trainer.mesh.min_shard_size)
     batch_sharding = parallel.batch_sharding(mesh)
     abstract = jax.tree_util.tree_map(
@@ -252,8 +181,8 @@ def setup(config, trainer: TrainerConfig, workdir: str) -> Setup:
                                                use_async=trainer.ckpt.use_async)
     train_iter = iter(task.train_data)
     state = restore_or_init(task, tx, trainer, init_key, abstract, shardings, checkpointer, train_iter)
-    log_parameter_counts(task, abstract, mesh)
-    step_fn = jax.jit(make_train_step(task, tx, schedule, trainer.opt.grad_accum_steps),
+    monitor.log_parameter_counts(task, abstract, mesh)
+    step_fn = jax.jit(make_train_step(task, tx, schedule, trainer.opt.grad_accum_steps, budget),
                       in_shardings=(shardings, batch_sharding, None),
                       out_shardings=(shardings, None), donate_argnums=0)
     compiled: dict[tuple, Any] = {}
@@ -266,7 +195,7 @@ def setup(config, trainer: TrainerConfig, workdir: str) -> Setup:
         return compiled[signature]
 
     return Setup(task, state, abstract, shardings, batch_sharding, checkpointer, train_iter,
-                 compiled_for, train_key, eval_key)
+                 compiled_for, train_key, eval_key, budget)
 
 
 def average_checkpoints(task: Task, s: Setup, state, eval_step, writer, workdir: str,
@@ -290,6 +219,18 @@ def average_checkpoints(task: Task, s: Setup, state, eval_step, writer, workdir:
     if jax.process_index() == 0:
         workdir_lib.write_json(workdir_lib.path(workdir, "averaged.json"), {"steps": steps, **summary})
     return summary
+
+
+def before_step(task: Task, s: Setup, step: int, state: dict[str, Any],
+                clock: budget_lib.TrainingClock) -> dict[str, Any]:
+    """The task's replacement state (if any), and the clock's elapsed time for a timed schedule."""
+    if task.before_step is not None:  # a replacement state, placed as the state is
+        new = task.before_step(step, state)
+        state = state if new is None else jax.device_put(new, s.shardings)
+    if "elapsed_s" in state:
+        state = {**state, "elapsed_s": jax.device_put(jnp.float32(clock.elapsed()),
+                                                      s.shardings["elapsed_s"])}
+    return state
 
 
 def save_unless_saved(s: "Setup", state: dict[str, Any]) -> int:
@@ -338,15 +279,17 @@ def train_steps(config, workdir: str) -> dict[str, Any]:
     progress = reporting.Progress(num_steps, start, enabled=is_lead)
     logger = StepLogger(task, trainer.train, writer, progress, flops, s.checkpointer)
     final_eval: dict[str, float] = {}
+    clock = budget_lib.TrainingClock(s.budget, float(state.get("elapsed_s", 0.0)))
 
     def evaluate_now(done):
-        summary = evaluate(task, eval_step, state, s.batch_sharding, s.eval_key)
-        writer.write(done, "eval", summary)
-        log.info("eval at step %d: %s", done, {k: round(v, 4) for k, v in summary.items()})
-        if task.on_eval is not None and is_lead:
-            task.on_eval(done, summary, state)
-        if keeper.update(done, summary, state["params"]) and task.on_best and is_lead:
-            task.on_best(done, summary)
+        with clock.paused():
+            summary = evaluate(task, eval_step, state, s.batch_sharding, s.eval_key)
+            writer.write(done, "eval", summary)
+            log.info("eval at step %d: %s", done, {k: round(v, 4) for k, v in summary.items()})
+            if task.on_eval is not None and is_lead:
+                task.on_eval(done, summary, state)
+            if keeper.update(done, summary, state["params"]) and task.on_best and is_lead:
+                task.on_best(done, summary)
         logger.restart_clock()  # keep eval time out of throughput
         return summary
 
@@ -355,29 +298,27 @@ def train_steps(config, workdir: str) -> dict[str, Any]:
         stop_after = trainer.train.max_steps_per_run
         last = num_steps if not stop_after else min(num_steps, start + stop_after)
         for step in range(start, last):
-            if keeper.stopped:
+            if keeper.stopped or clock.spent():
                 break
             if preemption.agreed(signals.requested):
                 stop_on_signal(logger, s, state, signals.signal_name or "a signal on another host")
-            if task.before_step is not None:  # a replacement state, placed as the state is
-                new = task.before_step(step, state)
-                state = state if new is None else jax.device_put(new, s.shardings)
+            state = before_step(task, s, step, state, clock)
             host_batch = next(s.train_iter)
             batch = parallel.put_batch(host_batch, s.batch_sharding)
             state, metrics = s.compiled_for(batch)(state, batch, s.train_key)
             logger.push(step + 1, metrics, task.tokens_in_batch(host_batch))
-            done = step + 1
+            done, out_of_time = step + 1, clock.spent()
             if task.eval_batches is not None and (done % trainer.eval.every_steps == 0
-                                                  or done == num_steps):
+                                                  or done == num_steps or out_of_time):
                 logger.flush()
                 final_eval = evaluate_now(done)
-                if keeper.stopped:  # early stopping: checkpoint this step, then leave the loop
-                    last = done
+            if keeper.stopped or out_of_time:  # checkpoint this step, then leave the loop
+                last = done
             if done % trainer.ckpt.every_steps == 0 or done == last:
                 logger.flush()
                 s.checkpointer.save(done, state, s.train_iter, force=done == last)
         logger.flush()
-        finished = int(state["step"]) >= num_steps or keeper.stopped
+        finished = int(state["step"]) >= num_steps or keeper.stopped or clock.spent()
         if finished and not final_eval and task.eval_batches is not None:  # resumed a finished run
             final_eval = evaluate(task, eval_step, state, s.batch_sharding, s.eval_key)
         if finished and trainer.ckpt.average_last > 1:

@@ -46,6 +46,7 @@ FINAL_EVAL_FILE = "final_eval.json"
 METRICS_FILE = "metrics.jsonl"
 PREDICTIONS_FILE = "predictions.jsonl"
 REPORT_DIR, BEST_REPORT_DIR = "report", "report_best"
+BASELINE_DIR = "baseline"  # --mode baseline: the TF-IDF + linear model's report
 LEGACY_ENCODER_FILE = "encoder_config.json"  # read only: what older runs and imports wrote
 
 

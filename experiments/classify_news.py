@@ -24,6 +24,8 @@ AG News from the TFDS catalog (needs internet once):
 Predict (csv/tsv/jsonl in, jsonl out; best checkpoint if kept):
   python launch.py --config experiments/classify_news.py:ag_news --workdir runs/agnews \
       --mode predict --config.predict.input=new.csv --config.predict.output=preds.jsonl
+The linear baseline on the same rows (TF-IDF n-grams + linear SVM; seconds; <workdir>/baseline/):
+  python launch.py --config experiments/classify_news.py:ag_news --workdir runs/agnews --mode baseline
 Grid search / k-fold cross-validation (tables in the workdir; one run by index for clusters):
   python launch.py --config experiments/classify_news.py:ag_news --workdir runs/sweep --mode sweep \
       --config.sweep.grid='{"opt.learning_rate":[1e-4,3e-4],"finetune.trainable":["all","top:2"]}'
@@ -162,6 +164,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sweep.index = config_dict.placeholder(int)  # run only this run index (clusters); None: all
     c.sweep.repeats = 1  # seeds per point (sweep mode); mean +- std over them
     c.sweep.metric = config_dict.placeholder(str)  # ranks settings; None: eval.best_metric
+
+    c.baseline = ml_collections.ConfigDict()  # --mode baseline: the model to beat, same rows
+    c.baseline.features = "auto"  # auto (char 1-3-grams for CJK text, else word 1-2-grams) | word | char
+    c.baseline.model = "svm"  # svm (linear SVM) | logreg
+    c.baseline.C = 1.0
+    c.baseline.max_features = config_dict.placeholder(int)  # None: every n-gram seen
 
     c.cv = ml_collections.ConfigDict()
     c.cv.folds = 5  # --mode cv: stratified folds of the training split

@@ -34,14 +34,14 @@ MAX_FUNCTION_LINES = 80
 #       |
 #   6   train
 #       |
-#   5   interop   tasks.*   monitor               (tasks.* import tasks.base, not each other)
+#   5   interop   tasks.*   monitor   step        (tasks.* import tasks.base, not each other)
 #       |
 #   4   pretrained
 #       |
 #   3   workdir   reporting   artifact   serve_engine   serve_app
 #       |
 #   2   data.*  optim  parallel  checkpoint  hf_bert  metrics  decode  losses  batcher  hub  preemption
-#       serve_metrics  encoder_jax (__init__)
+#       serve_metrics  budget  baselines  encoder_jax (__init__)
 #       |
 #   1   models
 #       |
@@ -56,11 +56,11 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: ("encoder_jax.data", "encoder_jax.optim", "encoder_jax.parallel", "encoder_jax.checkpoint",
         "encoder_jax.hf_bert", "encoder_jax.metrics", "encoder_jax.decode", "encoder_jax.losses", "encoder_jax.batcher", "encoder_jax.hub",
         "encoder_jax.preemption", "encoder_jax.gmm", "encoder_jax.clustering", "encoder_jax.embeddings",
-        "encoder_jax.serve_metrics", "encoder_jax"),
+        "encoder_jax.serve_metrics", "encoder_jax.budget", "encoder_jax.baselines", "encoder_jax"),
     3: ("encoder_jax.workdir", "encoder_jax.reporting", "encoder_jax.artifact",
         "encoder_jax.serve_engine", "encoder_jax.serve_app"),
     4: ("encoder_jax.pretrained",),
-    5: ("encoder_jax.interop", "encoder_jax.tasks", "encoder_jax.monitor"),
+    5: ("encoder_jax.interop", "encoder_jax.tasks", "encoder_jax.monitor", "encoder_jax.step"),
     6: ("encoder_jax.train",),
     7: ("encoder_jax.search", "encoder_jax.export", "encoder_jax.serve"),
     8: ("encoder_jax.api",),

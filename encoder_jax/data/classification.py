@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from encoder_jax import configs
+from encoder_jax import configs, errors
 from encoder_jax.data import batching, sources
 from encoder_jax.data.labels import LabelSpace, text_keys
 from encoder_jax.data.sources import DataError
@@ -287,3 +287,14 @@ def read_prediction_rows(path: str, text_fields: list[str], has_header: bool) ->
     columns = {key: f for key, f in zip(text_keys(len(text_fields)), text_fields)}
     table = sources.read_table(path, "," if name.endswith(".csv") else "\t", columns, has_header)
     return [[row[k] for k in columns] for row in table]
+
+
+def predict_rows(data_cfg, pred_cfg) -> tuple[list[str], list[list[str]]]:
+    """(text fields, the texts of each row of `predict.input`); `data_cfg`/`pred_cfg`: their sections."""
+    data_cfg = configs.section(configs.ClassifyDataConfig, data_cfg, "data")
+    pred_cfg = configs.section(configs.PredictConfig, pred_cfg, "predict")
+    if not pred_cfg.input:
+        raise errors.ConfigError("--mode predict needs --config.predict.input=FILE (csv, tsv or jsonl)")
+    fields = split_fields(pred_cfg.text_fields or data_cfg.text_fields, "predict.text_fields")
+    has_header = data_cfg.has_header if pred_cfg.has_header is None else pred_cfg.has_header
+    return fields, read_prediction_rows(pred_cfg.input, fields, has_header)

@@ -59,7 +59,10 @@ def read_documents(path: str, file_format: str) -> Iterator[str]:
 
 def read_table(path: str, delimiter: str, columns: Mapping[str, str | int],
                has_header: bool) -> Iterator[dict[str, str]]:
-    """Rows of a CSV/TSV as {field: cell}; `columns` maps output field -> header name or index."""
+    """Rows of a CSV/TSV as {field: cell}; `columns` maps output field -> header name or index.
+
+    A column spec "1,2" (names or indices) gives those cells joined by a space.
+    """
     reader = csv.reader(checked_lines(path), delimiter=delimiter,
                         quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE)
     try:
@@ -74,20 +77,24 @@ def _table_rows(reader, path: str, columns: Mapping[str, str | int],
     header = next(reader, None) if has_header else None
     if has_header and header is None:
         return
-    index = {}
-    for field, column in columns.items():
-        if isinstance(column, int) or (isinstance(column, str) and column.isdigit()):
-            index[field] = int(column)
-        elif header is not None and column in header:
-            index[field] = header.index(column)
-        else:
-            raise errors.DataError(f"data file {path!r} has no column {column!r} (for field {field!r}); "
-                                   f"columns: {header if header else 'no header, use an integer index'}")
-    width = max(index.values()) + 1
+    index: dict[str, list[int]] = {}
+    for field, spec in columns.items():
+        index[field] = []
+        for column in (spec.split(",") if isinstance(spec, str) and "," in spec else [spec]):
+            column = column.strip() if isinstance(column, str) else column
+            if isinstance(column, int) or (isinstance(column, str) and column.isdigit()):
+                index[field].append(int(column))
+            elif header is not None and column in header:
+                index[field].append(header.index(column))
+            else:
+                raise errors.DataError(
+                    f"data file {path!r} has no column {column!r} (for field {field!r}); "
+                    f"columns: {header if header else 'no header, use an integer index'}")
+    width = max(max(cols) for cols in index.values()) + 1
     for line_number, row in enumerate(reader, 2 if has_header else 1):
         if not row:
             continue
         if len(row) < width:
             raise errors.DataError(f"data file {path!r} row {line_number} has {len(row)} columns, "
                                    f"needs {width}")
-        yield {field: row[i] for field, i in index.items()}
+        yield {field: " ".join(row[i] for i in cols) for field, cols in index.items()}

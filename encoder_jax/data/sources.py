@@ -49,7 +49,7 @@ class LocalFilesSpec:
     """What to read from local files; its hash names the cached TFDS preparation."""
 
     splits: Mapping[str, Sequence[str]]  # split name -> file paths
-    file_format: str = "lines"  # one of FILE_FORMATS
+    file_format: str = "lines"  # one of FILE_FORMATS, or "auto": inferred per file
     columns: Mapping[str, str | int] = dataclasses.field(default_factory=lambda: {"text": 0})
     int_fields: Sequence[str] = ()  # fields stored as int64 (e.g. "label")
     has_header: bool = False
@@ -63,7 +63,7 @@ class LocalFilesSpec:
 
 
 def validate_files(spec: LocalFilesSpec) -> None:
-    if spec.file_format not in FILE_FORMATS:
+    if spec.file_format not in FILE_FORMATS + ("auto",):
         raise DataError(f"data.format={spec.file_format!r}; valid: {list(FILE_FORMATS)}")
     for split, paths in spec.splits.items():
         if not paths:
@@ -78,11 +78,12 @@ def validate_files(spec: LocalFilesSpec) -> None:
 def _examples(spec: LocalFilesSpec, paths: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
     count = 0
     for file_index, path in enumerate(paths):
-        if spec.file_format in ("csv", "tsv"):
-            rows = read_table(path, "," if spec.file_format == "csv" else "\t", spec.columns,
+        file_format = infer_format([path]) if spec.file_format == "auto" else spec.file_format
+        if file_format in ("csv", "tsv"):
+            rows = read_table(path, "," if file_format == "csv" else "\t", spec.columns,
                               spec.has_header)
         else:
-            rows = ({"text": doc} for doc in read_documents(path, spec.file_format))
+            rows = ({"text": doc} for doc in read_documents(path, file_format))
         for record_index, row in enumerate(rows):
             example = {}
             for field, value in row.items():
@@ -279,7 +280,7 @@ def expand_files(spec: str | None, field: str) -> list[str]:
 
 
 def infer_format(paths: Sequence[str]) -> str:
-    """csv / tsv by extension; wikiextractor if the text starts with <doc; else lines."""
+    """The first path's format: csv / tsv by extension; wikiextractor if it starts with <doc; else lines."""
     name = paths[0][:-3] if paths[0].endswith(".gz") else paths[0]
     if name.endswith(".csv"):
         return "csv"
@@ -318,9 +319,9 @@ def open_text_sources(data_cfg, cache_dir: str | None = None) -> dict[str, Decod
     file_format = data_cfg.format or "auto"
     if not train_files:  # the built-in corpus is written as blank-line separated documents
         file_format = "paragraphs"
-    elif file_format == "auto":
-        file_format = infer_format(splits["train"])
-    columns = {"text": data_cfg.text_column if file_format in ("csv", "tsv") else 0}
+    # "auto" is resolved per file, so one corpus may mix a task's csv with Wikipedia text;
+    # text_column applies to the csv/tsv files ("1,2": those cells joined by a space).
+    columns = {"text": data_cfg.text_column}
     spec = LocalFilesSpec(splits=splits, file_format=file_format, columns=columns,
                           has_header=data_cfg.has_header)
     return local_files_sources(spec, data_dir)

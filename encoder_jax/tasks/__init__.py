@@ -16,7 +16,7 @@ from types import ModuleType
 
 from encoder_jax import errors
 
-MODES = ("train", "predict", "export", "embed")
+MODES = ("train", "predict", "export", "embed", "baseline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,7 @@ class TaskEntry:
 
 TASKS = {
     "mlm": TaskEntry("encoder_jax.tasks.mlm"),
-    "classify": TaskEntry("encoder_jax.tasks.classify", ("train", "predict")),
+    "classify": TaskEntry("encoder_jax.tasks.classify", ("train", "predict", "baseline")),
     "translate": TaskEntry("encoder_jax.tasks.translate", ("train", "predict")),
     "gmm_topics": TaskEntry("encoder_jax.tasks.topics.gmm_topics", ("train", "embed")),
     "vae_topics": TaskEntry("encoder_jax.tasks.topics.vae_topics", ("train", "embed")),

@@ -13,18 +13,18 @@ disagrees with the pretrained or recorded shape is an error.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from encoder_jax import configs, errors, metrics, optim, pretrained as pretrained_lib
+from encoder_jax import baselines, configs, errors, metrics, optim, pretrained as pretrained_lib
+from encoder_jax import reporting
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, classification as data_lib, labels as labels_lib
 from encoder_jax.data import sources, tokenizer as tokenizer_lib
@@ -339,17 +339,29 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
                            eval_cfg.batch_size or data_cfg.batch_size, shard_index, shard_count))
 
 
-# ----------------------------------------------------------------------------- predict
+# ----------------------------------------------------------------------------- baseline
 
 
-def predict_rows(config, pred_cfg: configs.PredictConfig) -> tuple[list[str], list[list[str]]]:
-    """(text fields, the texts of each row of `predict.input`)."""
+def baseline(config, workdir: str) -> dict[str, Any]:
+    """--mode baseline: TF-IDF + linear model on the rows a fine-tuning run with `config` uses."""
     data_cfg = configs.section(configs.ClassifyDataConfig, config.data, "data")
-    if not pred_cfg.input:
-        raise errors.ConfigError("--mode predict needs --config.predict.input=FILE (csv, tsv or jsonl)")
-    fields = data_lib.split_fields(pred_cfg.text_fields or data_cfg.text_fields, "predict.text_fields")
-    has_header = data_cfg.has_header if pred_cfg.has_header is None else pred_cfg.has_header
-    return fields, data_lib.read_prediction_rows(pred_cfg.input, fields, has_header)
+    cache_dir = data_cfg.data_dir or sources.default_data_dir()
+    _, train_source, eval_source, labels = load_data(
+        data_cfg, configs.section(configs.CvConfig, config.get("cv"), "cv"), cache_dir)
+    num_texts = len(data_lib.split_fields(data_cfg.text_fields, "data.text_fields"))
+    texts_and_ids = [[(data_cfg.join_separator.join(str(r[k]) for k in labels_lib.text_keys(num_texts)),
+                       labels.encode(r["label"], f"{src.name} record {i}"))
+                      for i, r in enumerate(src[j] for j in range(len(src)))]
+                     for src in (train_source, eval_source)]
+    (train_x, train_y), (eval_x, eval_y) = (zip(*pairs) for pairs in texts_and_ids)
+    report, probs = baselines.fit_and_evaluate(train_x, np.array(train_y), eval_x, np.array(eval_y),
+                                               labels.names, config.get("baseline"))
+    metrics.write_report(report, np.array(eval_y), probs, workdir_lib.path(workdir, workdir_lib.BASELINE_DIR),
+                         f"Baseline: TF-IDF ({report['features']}) + {report['model']}")
+    return report
+
+
+# ----------------------------------------------------------------------------- predict
 
 
 def predict(config, run: workdir_lib.TrainedRun) -> str:
@@ -360,7 +372,7 @@ def predict(config, run: workdir_lib.TrainedRun) -> str:
         raise errors.MissingFileError(f"{run.workdir!r} holds no classification run ({workdir_lib.MODEL_FILE} "
                                       f"task={run.record.task!r}): train a classification run there first")
     pred_cfg = configs.section(configs.PredictConfig, config.predict, "predict")
-    fields, rows = predict_rows(config, pred_cfg)
+    fields, rows = data_lib.predict_rows(config.data, pred_cfg)
     output = pred_cfg.output or workdir_lib.path(run.workdir, workdir_lib.PREDICTIONS_FILE)
     encoding = encoding_config(configs.section(configs.ClassifyDataConfig, config.data, "data"),
                                len(fields))
@@ -379,21 +391,5 @@ def predict(config, run: workdir_lib.TrainedRun) -> str:
         for row, index in enumerate(batch["index"]):
             if batch["weight"][row] > 0:
                 results[int(index)] = probs_BxC[row]
-    return write_predictions(run.labels.names, [results[i] for i in range(len(examples))], rows,
-                             output)
-
-
-def write_predictions(names: Sequence[str], probs_NxC, rows: Sequence[Sequence[str]], output: str
-                      ) -> str:
-    """predictions.jsonl: per row its label, label id, probabilities and whether it was empty."""
-    lines = []
-    for index, probs_C in enumerate(probs_NxC):
-        best = int(np.argmax(probs_C))
-        lines.append(json.dumps({"index": index, "label": names[best], "label_id": best,
-                                 "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs_C)},
-                                 "empty": not any(t.strip() for t in rows[index])},
-                                ensure_ascii=False) + "\n")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    workdir_lib.write_text(output, "".join(lines))
-    log.info("wrote %d predictions to %s", len(lines), output)
-    return output
+    return reporting.write_predictions(run.labels.names, [results[i] for i in range(len(examples))],
+                                       rows, output)
