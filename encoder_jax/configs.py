@@ -282,6 +282,9 @@ class SweepConfig:
     index: int | None = None  # run only this index; None: all
     repeats: int = 1
     metric: str | None = None  # None: eval.best_metric
+    baseline: bool = False  # also fit the task's linear baseline (--mode baseline) on each run's rows
+    curve: str | None = None  # a grid field: curve.png of the metric against it (log x), one line
+    #                           per setting of the other fields, the baseline beside them
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,10 @@ results from every finished run found:
   runs.csv                one row per run: its overrides and final metrics
   results.csv / .md       one row per grid point: mean ± std over its runs
   best.json               the best point by `sweep.metric` (default eval.best_metric)
+  curve.png               with sweep.curve: the metric against that grid field (e.g. a
+                          label-efficiency curve over data.max_train_examples)
+With `sweep.baseline`, each run also fits the task's linear baseline on its rows
+(`<run>/baseline/`), shown beside the runs in the tables and the curve.
 Std is the sample standard deviation (ddof=1; 0 for a single run).
 """
 
@@ -131,6 +135,20 @@ def run_one(config, run: Run) -> dict[str, float]:
     return train.run(sub, run.workdir)
 
 
+def run_baseline(config, run: Run) -> dict[str, Any]:
+    """The task's linear baseline on the rows of `run` (its `baseline/report.json`), fitted once."""
+    from encoder_jax import tasks
+
+    done = workdir_lib.read_json_if_exists(baseline_path(run))
+    if done is not None:
+        return done
+    return tasks.load(config.task, "baseline").baseline(with_overrides(config, run.overrides), run.workdir)
+
+
+def baseline_path(run: Run) -> str:
+    return os.path.join(run.workdir, workdir_lib.BASELINE_DIR, "report.json")
+
+
 def ranking(config) -> tuple[str, str]:
     """(metric, 'max' | 'min') that names the best setting."""
     from encoder_jax.monitor import metric_mode
@@ -162,6 +180,11 @@ def summarize_runs(runs: list[Run], metric: str, mode: str) -> dict[str, Any]:
     for entry in points.values():
         mine = [results[r.index] for r in runs if r.point == entry["point"] and results[r.index]]
         entry["metrics"] = {m: mean_std([r[m] for r in mine]) for m in names if mine}
+        baselines = [b for r in runs if r.point == entry["point"]
+                     for b in [workdir_lib.read_json_if_exists(baseline_path(r))] if b and metric in b]
+        if baselines:
+            entry["baseline"] = mean_std([b[metric] for b in baselines])
+            entry["num_train"] = baselines[0]["num_train"]
     scored = [e for e in points.values() if metric in e["metrics"]]
     sign = 1.0 if mode == "max" else -1.0
     best = max(scored, key=lambda e: sign * e["metrics"][metric][0]) if scored else None
@@ -181,12 +204,15 @@ def write_tables(summary: dict[str, Any], workdir: str, title: str) -> list[str]
         [e["point"], setting_name(e["setting"]), f"{e['runs']}/{e['total']}",
          *[v for m in names for v in e["metrics"].get(m, ("", ""))]] for e in summary["points"]])
     best = summary["best"]
+    with_baseline = any("baseline" in e for e in summary["points"])
+    extra = [f"baseline {summary['metric']}"] if with_baseline else []
     lines = [f"# {title}", "", f"Ranked by {summary['metric']} ({summary['mode']}); mean ± std over runs.",
-             "", "| point | setting | runs | " + " | ".join(names) + " |",
-             "| --- " * (len(names) + 3) + "|"]
+             "", "| point | setting | runs | " + " | ".join(names + extra) + " |",
+             "| --- " * (len(names) + len(extra) + 3) + "|"]
     for e in summary["points"]:
         cells = [f"{e['metrics'][m][0]:.4f} ± {e['metrics'][m][1]:.4f}" if m in e["metrics"] else "—"
                  for m in names]
+        cells += [f"{e['baseline'][0]:.4f}" if "baseline" in e else "—"] if with_baseline else []
         mark = " **(best)**" if best is not None and e["point"] == best["point"] else ""
         lines.append(f"| {e['point']} | {setting_name(e['setting'])}{mark} | {e['runs']}/{e['total']} | "
                      + " | ".join(cells) + " |")
@@ -216,11 +242,69 @@ def search(config, workdir: str, mode: str) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.write_json(os.path.join(workdir, "search.json"),
                            {"mode": mode, "runs": [dataclasses.asdict(r) for r in runs]})
+    sweep = _sections(config)[0]
     for run in runs if index is None else [runs[index]]:
         run_one(config, run)
+        if sweep.baseline:
+            run_baseline(config, run)
     metric, metric_order = ranking(config)
     summary = summarize_runs(runs, metric, metric_order)
     title = "Cross-validation" if mode == "cv" else "Grid search"
-    for path in write_tables(summary, workdir, f"{title} ({len(runs)} runs)"):
+    paths = write_tables(summary, workdir, f"{title} ({len(runs)} runs)")
+    if sweep.curve:
+        paths.append(plot_curve(summary, sweep.curve, os.path.join(workdir, "curve.png")))
+    for path in paths:
         log.info("wrote %s", path)
     return summary
+
+
+def curve_points(summary: dict[str, Any], field: str) -> tuple[dict[str, list], list]:
+    """({other settings: [(x, mean, std)]}, [(x, baseline mean)]) of the metric against `field`.
+
+    A None value of `field` (e.g. max_train_examples: all rows) sits at the baseline's row
+    count when known, else at twice the largest value.
+    """
+    points = [e for e in summary["points"] if field in e["setting"]]
+    if not points:
+        raise errors.ConfigError(f"sweep.curve={field!r} is not a sweep.grid field")
+    numeric = [e["setting"][field] for e in points if isinstance(e["setting"][field], (int, float))]
+    fallback = 2 * max(numeric) if numeric else 1
+
+    def x_of(e):
+        value = e["setting"][field]
+        return value if value is not None else e.get("num_train", fallback)
+
+    lines: dict[str, list] = {}
+    baseline: dict[Any, float] = {}
+    for e in points:
+        rest = setting_name({k: v for k, v in e["setting"].items() if k != field})
+        if summary["metric"] in e["metrics"]:
+            lines.setdefault(rest, []).append((x_of(e), *e["metrics"][summary["metric"]]))
+        if "baseline" in e:
+            baseline[x_of(e)] = e["baseline"][0]
+    return {k: sorted(v) for k, v in lines.items()}, sorted(baseline.items())
+
+
+def plot_curve(summary: dict[str, Any], field: str, path: str) -> str:
+    """curve.png: the ranking metric (mean ± std) against a grid field, log x; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines, baseline = curve_points(summary, field)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in lines.items():
+        x, mean, std = (np.asarray(v, np.float64) for v in zip(*values))
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=name)
+    if baseline:
+        ax.plot(*zip(*baseline), "k--", marker="s", label="TF-IDF + linear baseline")
+    ax.set_xscale("log")
+    ax.set_xlabel(field)
+    ax.set_ylabel(summary["metric"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

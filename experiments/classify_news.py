@@ -29,6 +29,10 @@ The linear baseline on the same rows (TF-IDF n-grams + linear SVM; seconds; <wor
 Grid search / k-fold cross-validation (tables in the workdir; one run by index for clusters):
   python launch.py --config experiments/classify_news.py:ag_news --workdir runs/sweep --mode sweep \
       --config.sweep.grid='{"opt.learning_rate":[1e-4,3e-4],"finetune.trainable":["all","top:2"]}'
+Label-efficiency curve (scratch vs pretrained, the baseline on the same rows; curve.png):
+  python launch.py --config experiments/classify_news.py:ag_news --workdir runs/curve --mode sweep \
+      --config.sweep.grid='{"data.max_train_examples":[500,2000,8000,null],"init_from":[null,"runs/mlm"]}' \
+      --config.sweep.baseline=True --config.sweep.curve=data.max_train_examples
   python launch.py --config experiments/classify_news.py:ag_news --workdir runs/cv --mode cv \
       --config.cv.folds=5 --config.data.max_train_examples=5000
 Variants: ag_news, ag_news_tfds, thucnews, csv, smoke (built-in toy topics, seconds on a CPU):
@@ -164,6 +168,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sweep.index = config_dict.placeholder(int)  # run only this run index (clusters); None: all
     c.sweep.repeats = 1  # seeds per point (sweep mode); mean +- std over them
     c.sweep.metric = config_dict.placeholder(str)  # ranks settings; None: eval.best_metric
+    c.sweep.baseline = False  # also fit the TF-IDF + linear baseline on each run's rows
+    c.sweep.curve = config_dict.placeholder(str)  # a grid field: curve.png of the metric against it
 
     c.baseline = ml_collections.ConfigDict()  # --mode baseline: the model to beat, same rows
     c.baseline.features = "auto"  # auto (char 1-3-grams for CJK text, else word 1-2-grams) | word | char

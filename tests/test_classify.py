@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from encoder_jax import checkpoint, metrics, optim, parallel, search, train
+from encoder_jax import checkpoint, errors, metrics, optim, parallel, search, train
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, classification as data_lib
 from encoder_jax.data.sources import DataError
@@ -425,22 +425,33 @@ def test_init_from_restores_the_mlm_encoder_and_tokenizer_exactly(data_cache, ne
         pretrained.graft_encoder(params, source)
 
 
-def test_sweep_runs_by_index_then_completes_its_tables(news, data_cache, tmp_path):
+def test_sweep_runs_by_index_then_completes_its_tables_baseline_and_curve(news, data_cache, tmp_path):
+    """A label-efficiency sweep: runs by index, then the rest; each run's rows also fit the
+    linear baseline; the table and curve.png show both against data.max_train_examples."""
     config = news_config(news, data_cache, **{
         "train.num_steps": 2, "eval.every_steps": 2, "ckpt.every_steps": 2,
-        "sweep.grid": '{"opt.learning_rate": [0.001, 0.002]}'})
+        "sweep.grid": '{"data.max_train_examples": [40, null]}', "sweep.baseline": True,
+        "sweep.curve": "data.max_train_examples"})
     sweep_dir = str(tmp_path / "sweep")
     config.sweep.index = 1  # one run, as a cluster task would
     search.search(config, sweep_dir, "sweep")
     assert os.path.isfile(os.path.join(sweep_dir, "point_01", "seed_0", "final_eval.json"))
     assert not os.path.exists(os.path.join(sweep_dir, "point_00", "seed_0", "final_eval.json"))
-    assert "| 0 | opt.learning_rate=0.001 | 0/1 |" in open(os.path.join(sweep_dir, "results.md")).read()
+    assert "| 0 | data.max_train_examples=40 | 0/1 |" in open(os.path.join(sweep_dir, "results.md")).read()
     config.sweep.index = None
     summary = search.search(config, sweep_dir, "sweep")  # runs point 0, reuses point 1
     assert [p["runs"] for p in summary["points"]] == [1, 1] and summary["best"] is not None
     table = list(csv.DictReader(open(os.path.join(sweep_dir, "results.csv"))))
-    assert [r["setting"] for r in table] == ["opt.learning_rate=0.001", "opt.learning_rate=0.002"]
-    assert "**Best setting:**" in open(os.path.join(sweep_dir, "results.md")).read()
+    assert [r["setting"] for r in table] == ["data.max_train_examples=40",
+                                             "data.max_train_examples=None"]
+    markdown = open(os.path.join(sweep_dir, "results.md")).read()
+    assert "**Best setting:**" in markdown and "| baseline accuracy |" in markdown
+    lines, baseline = search.curve_points(summary, "data.max_train_examples")
+    assert [x for x, _ in baseline] == [40, 120]  # None: all 120 training rows
+    assert [x for x, _, _ in lines["(config as given)"]] == [40, 120]
+    assert os.path.getsize(os.path.join(sweep_dir, "curve.png")) > 1000
+    with pytest.raises(errors.ConfigError, match="sweep.curve='opt.learning_rate' is not a sweep.grid"):
+        search.curve_points(summary, "opt.learning_rate")
 
 
 def test_cross_validation_holds_out_each_stratified_fold_once(news, data_cache, tmp_path):
@@ -494,3 +505,36 @@ def test_bad_sweep_grids_name_the_field(news, data_cache, tmp_path):
     config.sweep.grid = "{lr: 1}"
     with pytest.raises(ValueError, match=r"sweep.grid is not JSON"):
         search.plan(config, str(tmp_path), "sweep")
+
+
+def test_linear_baseline_on_the_same_rows_writes_the_same_report(news, data_cache, tmp_path):
+    """--mode baseline reads the rows a fine-tuning run would (here a 60-row subset), scores the
+    dev split with the classifier's metrics, and names its features and fit time."""
+    workdir = str(tmp_path / "baseline")
+    report = classify.baseline(news_config(news, data_cache, **{"data.max_train_examples": 60}),
+                               workdir)
+    assert report["num_train"] == 60 and report["num_examples"] == 45
+    assert report["features"] == "word" and report["model"] == "svm" and report["fit_seconds"] >= 0
+    assert report["accuracy"] > 0.8  # topic words separate the classes
+    saved = json.load(open(os.path.join(workdir, "baseline", "report.json")))
+    assert saved["accuracy"] == report["accuracy"] and "confusion_matrix" in saved
+
+
+def test_baseline_features_probabilities_and_bad_input():
+    from encoder_jax import baselines, errors
+
+    assert baselines.choose_features("auto", ["体育新闻 比赛 结果"] * 3) == "char"
+    assert baselines.choose_features("auto", ["sports news today"] * 3) == "word"
+    texts = ["stock market bank", "football match goal", "bank profit fund", "goal team match"]
+    for model in ("svm", "logreg"):
+        report, probs_NxC = baselines.fit_and_evaluate(
+            texts, [0, 1, 0, 1], ["market fund", "team goal"], np.array([0, 1]),
+            ["money", "sport", "unseen"], {"model": model, "C": 10.0})
+        assert report["accuracy"] == 1.0
+        np.testing.assert_allclose(probs_NxC.sum(1), 1.0)
+        assert probs_NxC[:, 2].max() < 1e-6  # a class absent from training never wins
+    with pytest.raises(errors.DataError, match="fewer than 2 classes"):
+        baselines.fit_and_evaluate(texts, [0, 0, 0, 0], texts, np.zeros(4, int), ["a", "b"])
+    with pytest.raises(errors.ConfigError, match=r"baseline.model='tree'; valid: \['svm', 'logreg'\]"):
+        baselines.fit_and_evaluate(texts, [0, 1, 0, 1], texts, np.array([0, 1, 0, 1]), ["a", "b"],
+                                   {"model": "tree"})

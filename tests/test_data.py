@@ -56,6 +56,22 @@ def test_local_files_builder_prepares_once_and_decodes(tmp_path):
     assert len(again) == 2
 
 
+def test_one_corpus_mixes_a_tasks_csv_with_wikipedia_text(tmp_path):
+    """format auto is per file; text_column "1,2" joins a csv's title and description cells."""
+    news = tmp_path / "news.csv"
+    news.write_text('"3","Stocks rise","Markets gain"\n"1","Vote held","Polls closed"\n', encoding="utf-8")
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text('<doc id="1">\nA\nFirst para.\n</doc>\n', encoding="utf-8")
+    config = {"files": {"train": f"{news},{wiki}", "validation": str(news)}, "text_column": "1,2",
+              "data_dir": str(tmp_path / "cache")}
+    split = sources.open_text_sources(config)["train"]
+    assert sorted(split[i]["text"] for i in range(len(split))) == [
+        "A\nFirst para.", "Stocks rise Markets gain", "Vote held Polls closed"]
+    with pytest.raises(sources.DataError, match="news.csv' row 1 has 3 columns, needs 8"):
+        sources.open_text_sources({**config, "text_column": "1,7",
+                                   "data_dir": str(tmp_path / "cache2")})["train"][0]
+
+
 def test_a_process_that_loses_the_preparation_race_uses_the_winners_copy(tmp_path, monkeypatch):
     train = tmp_path / "train.tsv"
     train.write_text("first row\nsecond row\n", encoding="utf-8")
