@@ -152,6 +152,9 @@ class MaskedLmConfig:
     whole_word: bool = False
     mask_fraction: float = 0.8
     random_fraction: float = 0.1
+    objective: str = "mlm"  # mlm | electra (replaced-token detection with a small generator)
+    generator_layers: int = 1  # electra: the generator's blocks (the discriminator's width)
+    rtd_weight: float = 50.0  # electra: weight of the detection loss beside the generator's MLM loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +192,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.0
     augment_delete: float = 0.0  # token deletion probability (training only)
     augment_mask: float = 0.0  # [MASK] replacement probability
+    reinit_top_layers: int = 0  # pretrained runs: fresh weights for the top K blocks and the pooler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +305,9 @@ MINIMUMS: dict[type, dict[str, float]] = {
     TextDataConfig: {"seq_len": 8, "batch_size": 1, "workers": 0, "prefetch": 1},
     ClassifyDataConfig: {"batch_size": 1, "max_len": 3, "length_group": 1, "workers": 0,
                          "prefetch": 1, "max_train_examples": 1, "num_classes": 2},
-    FinetuneConfig: {"label_smoothing": 0.0, "augment_delete": 0.0, "augment_mask": 0.0},
+    FinetuneConfig: {"label_smoothing": 0.0, "augment_delete": 0.0, "augment_mask": 0.0,
+                     "reinit_top_layers": 0},
+    MaskedLmConfig: {"generator_layers": 1, "rtd_weight": 0.0},
     TranslationDataConfig: {"max_len": 3, "max_tokens": 1, "batch_multiple": 1, "window": 1,
                             "max_train_examples": 1, "max_eval_examples": 1, "workers": 0,
                             "prefetch": 1},
@@ -336,6 +342,7 @@ CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
     TokenizerConfig: _TOKENIZER_CHOICES,
     TranslationTokenizerConfig: _TOKENIZER_CHOICES,
     OptConfig: {"schedule": ("constant", "linear", "cosine", "rsqrt")},
+    MaskedLmConfig: {"objective": ("mlm", "electra")},
     BaselineConfig: {"features": ("auto", "word", "char"), "model": ("svm", "logreg")},
     EvalConfig: {"best_mode": ("auto", "max", "min")},
     TopicsConfig: {"covariance": ("full", "diag", "spherical"), "pooling": ("cls", "mean"),

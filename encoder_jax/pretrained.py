@@ -229,6 +229,23 @@ def graft_encoder(params: Params, pretrained: PretrainedEncoder, target: str = "
     return {**params, target: traverse_util.unflatten_dict(grafted)}
 
 
+def reinit_top_blocks(grafted: Params, fresh: Params, count: int, target: str = "encoder") -> Params:
+    """`grafted` with the top `count` blocks of `target` (and its pooler) taken from `fresh`.
+
+    Re-initialising the top of a pretrained encoder helps small fine-tuning sets
+    (Zhang et al. 2021, "Revisiting few-sample BERT fine-tuning"): those layers are
+    the most specialised to the pretraining objective.
+    """
+    if count <= 0:
+        return grafted
+    blocks = sorted(int(name.split("_")[1]) for name in grafted[target] if name.startswith("block_"))
+    if count > len(blocks):
+        raise errors.ConfigError(f"finetune.reinit_top_layers={count} exceeds the encoder's "
+                                 f"{len(blocks)} blocks")
+    names = [f"block_{i}" for i in blocks[-count:]] + (["pooler"] if "pooler" in grafted[target] else [])
+    return {**grafted, target: {**grafted[target], **{n: fresh[target][n] for n in names}}}
+
+
 def merge_params(fresh: Params, imported: Params, source: str = "pretrained") -> Params:
     """`fresh` with every leaf that `imported` has at the same path replaced (cast to its dtype).
 

@@ -92,6 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mlm.whole_word = False  # mask all sub-tokens of a word together
     c.mlm.mask_fraction = 0.8  # chosen tokens replaced by [MASK]
     c.mlm.random_fraction = 0.1  # ... by a random token (the rest stay unchanged)
+    c.mlm.objective = "mlm"  # mlm | electra (replaced-token detection; the generator shares embeddings)
+    c.mlm.generator_layers = 1  # electra: generator blocks (discriminator width)
+    c.mlm.rtd_weight = 50.0  # electra: detection-loss weight (the paper's lambda)
 
     c.opt = ml_collections.ConfigDict()
     c.opt.name = "adamw"  # sgd | momentum | nesterov | adam | adamw | rmsprop | adagrad | adafactor | lamb | lion

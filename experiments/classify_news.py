@@ -130,6 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.finetune.label_smoothing = 0.0
     c.finetune.augment_delete = 0.0  # probability of deleting each token (training only)
     c.finetune.augment_mask = 0.0  # probability of replacing each token by [MASK]
+    c.finetune.reinit_top_layers = 0  # init_from(_hf): fresh top K blocks + pooler (small data)
 
     c.opt = ml_collections.ConfigDict()
     c.opt.name = "adamw"  # sgd | momentum | nesterov | adam | adamw | rmsprop | adagrad | adafactor | lamb | lion

@@ -425,6 +425,23 @@ def test_init_from_restores_the_mlm_encoder_and_tokenizer_exactly(data_cache, ne
         pretrained.graft_encoder(params, source)
 
 
+def test_reinit_top_blocks_takes_only_the_top_blocks_and_pooler_from_the_fresh_params():
+    from encoder_jax import pretrained
+
+    def params(value):
+        return {"encoder": {n: {"kernel": np.full((2,), value)} for n in
+                            ("token_embed", "block_0", "block_1", "block_2", "pooler")},
+                "classifier": {"kernel": np.full((2,), value)}}
+
+    mixed = pretrained.reinit_top_blocks(params(1.0), params(0.0), 2)
+    kept = {n: float(v["kernel"][0]) for n, v in mixed["encoder"].items()}
+    assert kept == {"token_embed": 1.0, "block_0": 1.0, "block_1": 0.0, "block_2": 0.0, "pooler": 0.0}
+    unchanged = params(1.0)
+    assert pretrained.reinit_top_blocks(unchanged, params(0.0), 0) is unchanged
+    with pytest.raises(errors.ConfigError, match="finetune.reinit_top_layers=4 exceeds the encoder's 3"):
+        pretrained.reinit_top_blocks(params(1.0), params(0.0), 4)
+
+
 def test_sweep_runs_by_index_then_completes_its_tables_baseline_and_curve(news, data_cache, tmp_path):
     """A label-efficiency sweep: runs by index, then the rest; each run's rows also fit the
     linear baseline; the table and curve.png show both against data.max_train_examples."""

@@ -52,7 +52,7 @@ MAX_FUNCTION_LINES = 80
 # package's own __init__) covers only itself, so a new top-level module is unranked.
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("encoder_jax.layers", "encoder_jax.configs", "encoder_jax.config_types", "encoder_jax.errors"),
-    1: ("encoder_jax.models", "encoder_jax.topic_models"),
+    1: ("encoder_jax.models", "encoder_jax.topic_models", "encoder_jax.electra"),
     2: ("encoder_jax.data", "encoder_jax.optim", "encoder_jax.parallel", "encoder_jax.checkpoint",
         "encoder_jax.hf_bert", "encoder_jax.metrics", "encoder_jax.decode", "encoder_jax.losses", "encoder_jax.batcher", "encoder_jax.hub",
         "encoder_jax.preemption", "encoder_jax.gmm", "encoder_jax.clustering", "encoder_jax.embeddings",

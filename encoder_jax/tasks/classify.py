@@ -321,7 +321,8 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     optim.trainable_mask(jax.eval_shape(init_params, jax.random.key(0)), ft.trainable)  # fail early
 
     def init_from(params):
-        return pretrained_lib.graft_encoder(params, pretrained or pretrained_lib.resolve(config))
+        grafted = pretrained_lib.graft_encoder(params, pretrained or pretrained_lib.resolve(config))
+        return pretrained_lib.reinit_top_blocks(grafted, params, ft.reinit_top_layers)
 
     decay = ft.layer_lr_decay
     return Task(

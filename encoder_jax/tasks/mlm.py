@@ -1,5 +1,8 @@
 """Masked-language-model objective: dynamic (whole-word) masking, sparse head, loss and metrics.
 
+`mlm.objective="electra"` trains ELECTRA's replaced-token detection on the same data,
+masks and trainer instead (`encoder_jax.electra`); the discriminator is the `encoder`.
+
 Masking runs inside the jitted step from the step's PRNG key, so a resumed run
 replays exactly the masks of the run it continues.
 """
@@ -16,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from encoder_jax import configs, errors, metrics, pretrained as pretrained_lib
+from encoder_jax import configs, electra, errors, metrics, pretrained as pretrained_lib
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import mlm_packing, sources, tokenizer as tokenizer_lib
 from encoder_jax.data.text import special_ids
@@ -173,6 +176,50 @@ def model_and_loss(model_cfg: EncoderConfig, masking: MaskingConfig, seq_len: in
     return init_params, loss
 
 
+def electra_model_and_loss(model_cfg: EncoderConfig, masking: MaskingConfig, seq_len: int,
+                           mlm_cfg: configs.MaskedLmConfig):
+    """`model_and_loss` for ELECTRA (`encoder_jax.electra`): generator MLM loss + weighted detection.
+
+    Sums: `loss`/`accuracy` are the generator's (per masked token, as for MLM);
+    `rtd_loss`/`rtd_accuracy` the discriminator's per real token; `replaced` the
+    share of real tokens the generator changed.
+    """
+    generator = BertForMaskedLM(electra.generator_config(model_cfg, mlm_cfg.generator_layers))
+    discriminator = electra.ElectraDiscriminator(model_cfg)
+
+    def init_params(rng):
+        gen_rng, disc_rng = jax.random.split(rng)
+        ids = jnp.zeros((1, seq_len), jnp.int32)
+        gen = generator.init(gen_rng, ids, jnp.zeros((1, masking.max_predictions), jnp.int32))
+        return {**discriminator.init(disc_rng, ids)["params"],
+                "generator": electra.without_embeddings(gen["params"])}
+
+    def loss(params, batch, rng, train):
+        mask_rng, sample_rng, gen_rng, disc_rng = jax.random.split(rng, 4)
+        batch = mask_batch(mask_rng, batch, masking)
+        where = dict(segment_ids=batch["segment_ids"], positions=batch["positions"],
+                     deterministic=not train)
+        gen_logits = generator.apply(
+            {"params": electra.with_shared_embeddings(params["generator"], params["encoder"])},
+            batch["masked_ids"], batch["masked_positions"], rngs={"dropout": gen_rng}, **where)
+        gen_loss, sums = mlm_loss_and_metrics(gen_logits, batch["targets"], batch["target_weights"])
+        corrupted, replaced = electra.replace_masked(sample_rng, batch["ids"], batch["masked_positions"],
+                                                     batch["target_weights"], gen_logits)
+        disc_logits = discriminator.apply({"params": {k: v for k, v in params.items() if k != "generator"}},
+                                          corrupted, rngs={"dropout": disc_rng}, **where)
+        rtd_loss, rtd = electra.detection_loss(disc_logits, replaced,
+                                               (batch["segment_ids"] > 0).astype(jnp.float32))
+        per_masked = sums["denominator"] / jnp.maximum(rtd["tokens"], 1.0)  # means() divides by it
+        sums.update(rtd_loss=rtd["loss"] * per_masked, rtd_accuracy=rtd["accuracy"] * per_masked,
+                    replaced=replaced.sum() * per_masked)
+        if not train:
+            sums["target_counts"] = jnp.zeros(masking.vocab_size, jnp.float32).at[
+                batch["targets"].reshape(-1)].add(batch["target_weights"].reshape(-1))
+        return gen_loss + mlm_cfg.rtd_weight * rtd_loss, sums
+
+    return init_params, loss
+
+
 def summarize_with_baseline(sums: dict[str, Any]) -> dict[str, float]:
     """`summarize`, plus the held-out unigram baseline (best constant predictor) in evaluation."""
     counts = sums.pop("target_counts", None)
@@ -252,8 +299,8 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         if pretrained is not None:
             tokenizer.save(workdir)
         workdir_lib.write_model_record(workdir, workdir_lib.ModelRecord("mlm", model_cfg))
-    masking = masking_config(configs.section(configs.MaskedLmConfig, config.mlm, "mlm"),
-                             tokenizer, seq_len)
+    mlm_cfg = configs.section(configs.MaskedLmConfig, config.mlm, "mlm")
+    masking = masking_config(mlm_cfg, tokenizer, seq_len)
     rows = host_rows(data_cfg.batch_size, shard_count, "data.batch_size")
     train_data = mlm_packing.mlm_train_dataset(
         splits["train"], tokenizer, seq_len=seq_len, batch_size=rows, seed=config.seed,
@@ -267,7 +314,8 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
             text_field=data_cfg.text_field, shard_index=shard_index, shard_count=shard_count,
             max_batches=eval_cfg.max_batches)
 
-    init_params, loss = model_and_loss(model_cfg, masking, seq_len)
+    init_params, loss = (model_and_loss(model_cfg, masking, seq_len) if mlm_cfg.objective == "mlm"
+                         else electra_model_and_loss(model_cfg, masking, seq_len, mlm_cfg))
     init_from = None
     if pretrained is not None:
         init_from = lambda params: pretrained_lib.merge_params(params, pretrained.load_params(),
