@@ -116,6 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = {"smoke": 1, "default": 50}.get(variant, 100)
     c.train.max_steps_per_run = config_dict.placeholder(int)  # checkpoint and exit after this many steps (time-sliced jobs); None: run to num_steps
     c.train.peak_flops_per_device = config_dict.placeholder(float)  # for MFU; None: measured matmul peak
+    # Minutes of training: the LR schedule runs on elapsed time (warm-up = opt.warmup_steps /
+    # train.num_steps of it); stops with a checkpoint and a full eval when spent. None: by steps.
+    c.train.time_budget = config_dict.placeholder(float)
 
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every_steps = {"smoke": 1, "default": 500}.get(variant, 1000)

@@ -151,6 +151,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.num_steps = 2 if smoke else 3000
     c.train.log_every = 1 if smoke else 50
     c.train.peak_flops_per_device = config_dict.placeholder(float)  # for MFU; None: measured
+    # Minutes of training: the LR schedule runs on elapsed time (warm-up = opt.warmup_steps /
+    # train.num_steps of it); stops with a checkpoint and a full eval when spent. None: by steps.
+    c.train.time_budget = config_dict.placeholder(float)
 
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every_steps = 2 if smoke else 500

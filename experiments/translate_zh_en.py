@@ -135,6 +135,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = {"smoke": 1}.get(variant, 50)
     c.train.max_steps_per_run = config_dict.placeholder(int)
     c.train.peak_flops_per_device = config_dict.placeholder(float)
+    # Minutes of training: the LR schedule runs on elapsed time (warm-up = opt.warmup_steps /
+    # train.num_steps of it); stops with a checkpoint and a full eval when spent. None: by steps.
+    c.train.time_budget = config_dict.placeholder(float)
 
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every_steps = {"smoke": 2, "demo": 500}.get(variant, 1000)
