@@ -14,9 +14,7 @@ are the model's own).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import typing
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from encoder_jax import errors
 from encoder_jax.config_types import check_type, field_types, to_dict  # noqa: F401  (to_dict re-exported)
