@@ -243,6 +243,10 @@ def search(config, workdir: str, mode: str) -> dict[str, Any]:
     workdir_lib.write_json(os.path.join(workdir, "search.json"),
                            {"mode": mode, "runs": [dataclasses.asdict(r) for r in runs]})
     sweep = _sections(config)[0]
+    if sweep.baseline:  # a task without a baseline fails here, before any training
+        from encoder_jax import tasks
+
+        tasks.load(config.task, "baseline")
     for run in runs if index is None else [runs[index]]:
         run_one(config, run)
         if sweep.baseline:

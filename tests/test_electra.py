@@ -61,11 +61,11 @@ def test_generator_and_discriminator_share_the_embeddings_and_both_train_them():
 def test_electra_trains_through_the_trainer_and_leaves_its_discriminator_as_the_encoder(
         corpus_files, data_cache, tmp_path):
     """The generator learns and replaces what it gets wrong; whether the discriminator beats the
-    base rate is a matter of compute (measured on real text in docs/recipes.md), not of 100 steps."""
+    base rate is a matter of compute (measured on real text in docs/recipes.md), not of 60 steps."""
     config = tiny_config(corpus_files, data_cache, **{
-        "mlm.objective": "electra", "mlm.rtd_weight": 1.0, "train.num_steps": 100,
+        "mlm.objective": "electra", "mlm.rtd_weight": 1.0, "train.num_steps": 60,
         "opt.learning_rate": 5e-3, "opt.warmup_steps": 10, "data.batch_size": 16,
-        "eval.every_steps": 100, "ckpt.every_steps": 100, "model.num_layers": 2,
+        "eval.every_steps": 60, "ckpt.every_steps": 60, "model.num_layers": 2,
         "model.dropout_rate": 0.0, "train.peak_flops_per_device": 1e12})
     workdir = str(tmp_path / "electra")
     result = train.run(config, workdir)
