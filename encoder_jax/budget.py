@@ -36,7 +36,8 @@ class Budget:
     def lr_factor(self, schedule, elapsed_s):
         """(learning rate now, its ratio to the peak) for an optimizer built with the peak rate."""
         learning_rate = schedule(self.virtual_step(elapsed_s))
-        return learning_rate, learning_rate / self.peak_lr if self.peak_lr else 0.0 * learning_rate
+        return learning_rate, (learning_rate / self.peak_lr if self.peak_lr
+                               else jnp.zeros_like(learning_rate))
 
 
 def from_minutes(minutes: float | None, num_steps: int, peak_lr: float) -> Budget | None:

@@ -3,8 +3,8 @@
 A small masked-LM generator fills the masked positions with sampled tokens; the
 discriminator (the encoder that fine-tuning keeps, under `encoder`) predicts for
 every real token whether it was replaced. Its loss covers all tokens, not only the
-~15% masked ones, which is why ELECTRA learns more per FLOP than MLM at small
-compute. The two share their embeddings (token, position, type and their
+~15% masked ones, which is why Clark et al. find it learns more per FLOP than
+MLM at small compute (not yet reproduced here: docs/recipes.md). The two share their embeddings (token, position, type and their
 LayerNorm): the generator's parameters hold no embedding tables of their own, and
 the discriminator's are put in place before each generator call, so both losses
 train them. The generator is the discriminator's shape with fewer blocks.
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from encoder_jax.layers import ACTIVATIONS, EncoderConfig, _kernel_init
-from encoder_jax.models import BertEncoder, BertForMaskedLM
+from encoder_jax.models import BertEncoder
 
 SHARED_EMBEDDINGS = ("token_embed", "position_embed", "type_embed", "embed_norm")
 
@@ -86,7 +86,3 @@ def detection_loss(logits_BxL: jax.Array, replaced_BxL: jax.Array, real_BxL: jax
     loss_sum = (xent_BxL * real_BxL).sum()
     return loss_sum / jnp.maximum(tokens, 1.0), {"loss": loss_sum, "accuracy": correct,
                                                  "tokens": tokens}
-
-
-__all__ = ["ElectraDiscriminator", "BertForMaskedLM", "generator_config", "without_embeddings",
-           "with_shared_embeddings", "replace_masked", "detection_loss"]

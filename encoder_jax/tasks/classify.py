@@ -343,21 +343,25 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
 # ----------------------------------------------------------------------------- baseline
 
 
+def texts_and_label_ids(source, labels: labels_lib.LabelSpace, data_cfg: configs.ClassifyDataConfig
+                        ) -> tuple[list[str], np.ndarray]:
+    """Each record's text fields joined by `data.join_separator`, and its class id."""
+    keys = labels_lib.text_keys(len(data_lib.split_fields(data_cfg.text_fields, "data.text_fields")))
+    records = [source[i] for i in range(len(source))]
+    texts = [data_cfg.join_separator.join(str(r[k]) for k in keys) for r in records]
+    return texts, labels_lib.encode_labels(labels, [r["label"] for r in records], source.name)
+
+
 def baseline(config, workdir: str) -> dict[str, Any]:
     """--mode baseline: TF-IDF + linear model on the rows a fine-tuning run with `config` uses."""
     data_cfg = configs.section(configs.ClassifyDataConfig, config.data, "data")
-    cache_dir = data_cfg.data_dir or sources.default_data_dir()
-    _, train_source, eval_source, labels = load_data(
-        data_cfg, configs.section(configs.CvConfig, config.get("cv"), "cv"), cache_dir)
-    num_texts = len(data_lib.split_fields(data_cfg.text_fields, "data.text_fields"))
-    texts_and_ids = [[(data_cfg.join_separator.join(str(r[k]) for k in labels_lib.text_keys(num_texts)),
-                       labels.encode(r["label"], f"{src.name} record {i}"))
-                      for i, r in enumerate(src[j] for j in range(len(src)))]
-                     for src in (train_source, eval_source)]
-    (train_x, train_y), (eval_x, eval_y) = (zip(*pairs) for pairs in texts_and_ids)
-    report, probs = baselines.fit_and_evaluate(train_x, np.array(train_y), eval_x, np.array(eval_y),
-                                               labels.names, config.get("baseline"))
-    metrics.write_report(report, np.array(eval_y), probs, workdir_lib.path(workdir, workdir_lib.BASELINE_DIR),
+    cv = configs.section(configs.CvConfig, config.get("cv"), "cv")
+    _, train_source, eval_source, labels = load_data(data_cfg, cv, data_cfg.data_dir or sources.default_data_dir())
+    (train_x, train_y), (eval_x, eval_y) = (texts_and_label_ids(source, labels, data_cfg)
+                                            for source in (train_source, eval_source))
+    report, probs = baselines.fit_and_evaluate(train_x, train_y, eval_x, eval_y, labels.names,
+                                               config.get("baseline"))
+    metrics.write_report(report, eval_y, probs, workdir_lib.path(workdir, workdir_lib.BASELINE_DIR),
                          f"Baseline: TF-IDF ({report['features']}) + {report['model']}")
     return report
 
