@@ -236,13 +236,16 @@ def _write_csv(path: str, header: list[str], rows: list[list[Any]]) -> None:
 def search(config, workdir: str, mode: str) -> dict[str, Any]:
     """Runs the search's runs (all, or `sweep.index` only), then writes the tables; returns the summary."""
     runs = plan(config, workdir, mode)
-    index = _sections(config)[0].index
+    sweep = _sections(config)[0]
+    if sweep.curve and sweep.curve not in parse_grid(sweep.grid):  # before any training
+        raise errors.ConfigError(f"sweep.curve={sweep.curve!r} is not a sweep.grid field; grid fields: "
+                                 f"{list(parse_grid(sweep.grid))}")
+    index = sweep.index
     if index is not None and not 0 <= index < len(runs):
         raise errors.ConfigError(f"sweep.index={index}; valid: 0..{len(runs) - 1} ({len(runs)} runs)")
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.write_json(os.path.join(workdir, "search.json"),
                            {"mode": mode, "runs": [dataclasses.asdict(r) for r in runs]})
-    sweep = _sections(config)[0]
     if sweep.baseline:  # a task without a baseline fails here, before any training
         from encoder_jax import tasks
 

@@ -469,6 +469,10 @@ def test_sweep_runs_by_index_then_completes_its_tables_baseline_and_curve(news, 
     assert os.path.getsize(os.path.join(sweep_dir, "curve.png")) > 1000
     with pytest.raises(errors.ConfigError, match="sweep.curve='opt.learning_rate' is not a sweep.grid"):
         search.curve_points(summary, "opt.learning_rate")
+    config.sweep.curve = "opt.learning_rate"  # refused before any run trains
+    with pytest.raises(errors.ConfigError, match=r"grid fields: \['data.max_train_examples'\]"):
+        search.search(config, str(tmp_path / "never"), "sweep")
+    assert not os.path.exists(tmp_path / "never")
 
 
 def test_cross_validation_holds_out_each_stratified_fold_once(news, data_cache, tmp_path):
