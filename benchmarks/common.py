@@ -41,6 +41,9 @@ class Shape:
 
 # `base` uses batch 8 (1024 tokens): a train step is already 5-10 s on 2 cores.
 SHAPES: dict[str, Shape] = {
+    # experiments/bert_mlm.py's default shape (the CPU recipe's size).
+    "tiny": Shape(num_layers=2, hidden_dim=128, num_heads=2, mlp_dim=512,
+                  vocab_size=8000, seq_len=128, batch_size=32),
     "small": Shape(num_layers=4, hidden_dim=256, num_heads=4, mlp_dim=1024,
                    vocab_size=32000, seq_len=128, batch_size=32),
     "base": Shape(num_layers=12, hidden_dim=768, num_heads=12, mlp_dim=3072,

@@ -153,6 +153,10 @@ class MaskedLmConfig:
     objective: str = "mlm"  # mlm | electra (replaced-token detection with a small generator)
     generator_layers: int = 1  # electra: the generator's blocks (the discriminator's width)
     rtd_weight: float = 50.0  # electra: weight of the detection loss beside the generator's MLM loss
+    embedding_init: str = "random"  # random | ppmi: token table from corpus co-occurrence (PPMI-SVD)
+    ppmi_window: int = 10  # ppmi: tokens either side that co-occur
+    ppmi_docs: int = 200_000  # ppmi: training documents counted (evenly spaced over the corpus)
+    ppmi_std: float = 1.0  # ppmi: standard deviation the table is scaled to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +309,8 @@ MINIMUMS: dict[type, dict[str, float]] = {
                          "prefetch": 1, "max_train_examples": 1, "num_classes": 2},
     FinetuneConfig: {"label_smoothing": 0.0, "augment_delete": 0.0, "augment_mask": 0.0,
                      "reinit_top_layers": 0},
-    MaskedLmConfig: {"generator_layers": 1, "rtd_weight": 0.0},
+    MaskedLmConfig: {"generator_layers": 1, "rtd_weight": 0.0, "ppmi_window": 1, "ppmi_docs": 1,
+                     "ppmi_std": 0.0},
     TranslationDataConfig: {"max_len": 3, "max_tokens": 1, "batch_multiple": 1, "window": 1,
                             "max_train_examples": 1, "max_eval_examples": 1, "workers": 0,
                             "prefetch": 1},
@@ -324,8 +329,7 @@ MINIMUMS: dict[type, dict[str, float]] = {
     TopicsConfig: {"num_topics": 1, "n_init": 1, "max_iter": 1, "tol": 0.0, "reg_covar": 0.0,
                    "max_fit_docs": 1, "latent_dim": 1, "hidden_dim": 1, "pretrain_steps": 0,
                    "kl_warmup_steps": 0, "dropout_rate": 0.0, "min_df": 1, "max_df": 0.0,
-                   "bigram_buckets": 0,
-                   "top_words": 1},
+                   "bigram_buckets": 0, "top_words": 1},
 }
 
 
@@ -340,7 +344,7 @@ CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
     TokenizerConfig: _TOKENIZER_CHOICES,
     TranslationTokenizerConfig: _TOKENIZER_CHOICES,
     OptConfig: {"schedule": ("constant", "linear", "cosine", "rsqrt")},
-    MaskedLmConfig: {"objective": ("mlm", "electra")},
+    MaskedLmConfig: {"objective": ("mlm", "electra"), "embedding_init": ("random", "ppmi")},
     BaselineConfig: {"features": ("auto", "word", "char"), "model": ("svm", "logreg")},
     EvalConfig: {"best_mode": ("auto", "max", "min")},
     TopicsConfig: {"covariance": ("full", "diag", "spherical"), "pooling": ("cls", "mean"),

@@ -95,6 +95,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mlm.objective = "mlm"  # mlm | electra (replaced-token detection; the generator shares embeddings)
     c.mlm.generator_layers = 1  # electra: generator blocks (discriminator width)
     c.mlm.rtd_weight = 50.0  # electra: detection-loss weight (the paper's lambda)
+    # Token table at step 0: random (BERT) | ppmi: vectors from the corpus' windowed
+    # co-occurrence (PPMI + SVD, seconds of CPU; docs/recipes.md); a checkpoint or init_from wins.
+    c.mlm.embedding_init = "random"
+    c.mlm.ppmi_window = 10  # tokens either side that co-occur
+    c.mlm.ppmi_docs = 200_000  # training documents counted, evenly spaced over the corpus
+    c.mlm.ppmi_std = 1.0  # standard deviation the table is scaled to
 
     c.opt = ml_collections.ConfigDict()
     c.opt.name = "adamw"  # sgd | momentum | nesterov | adam | adamw | rmsprop | adagrad | adafactor | lamb | lion

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from encoder_jax import configs, electra, errors, metrics, pretrained as pretrained_lib
+from encoder_jax import static_embeddings
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import mlm_packing, sources, tokenizer as tokenizer_lib
 from encoder_jax.data.text import special_ids
@@ -273,6 +274,27 @@ def tokenizer_and_model(config, pretrained, data_cfg: configs.TextDataConfig, tr
     return tokenizer, EncoderConfig.from_config(config.model, tokenizer.vocab_size)
 
 
+def ppmi_token_table(mlm_cfg: configs.MaskedLmConfig, model_cfg: EncoderConfig, tokenizer,
+                     source, text_field: str, seed: int):
+    """params -> params with the encoder's token table from the corpus' PPMI-SVD vectors.
+
+    Counts `mlm.ppmi_docs` training documents spaced evenly over the source (so every
+    file of a mixed corpus is sampled). Tokens the sample never shows keep their fresh rows.
+    """
+    def init(params):
+        picked = np.unique(np.linspace(0, len(source) - 1, min(len(source), mlm_cfg.ppmi_docs)).astype(int))
+        docs = (tokenizer.encode(source[int(i)][text_field]) for i in picked)
+        table, seen = static_embeddings.corpus_embeddings(
+            docs, model_cfg.vocab_size, model_cfg.hidden_dim, window=mlm_cfg.ppmi_window,
+            std=mlm_cfg.ppmi_std, seed=seed)
+        encoder = params["encoder"]
+        fresh = np.asarray(encoder["token_embed"]["embedding"])
+        merged = np.where(seen[:, None], table, fresh).astype(fresh.dtype)
+        return {**params, "encoder": {**encoder, "token_embed": {**encoder["token_embed"],
+                                                                 "embedding": merged}}}
+    return init
+
+
 def host_rows(global_rows: int, shard_count: int, field: str) -> int:
     """This process's share of a global batch; it must divide evenly."""
     if global_rows % shard_count:
@@ -320,6 +342,9 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     if pretrained is not None:
         init_from = lambda params: pretrained_lib.merge_params(params, pretrained.load_params(),
                                                                pretrained.source)
+    elif mlm_cfg.embedding_init == "ppmi":
+        init_from = ppmi_token_table(mlm_cfg, model_cfg, tokenizer, splits["train"],
+                                     data_cfg.text_field, config.seed)
     return Task(
         name="mlm", init_params=init_params, loss_fn=stateless(loss), train_data=train_data,
         example_batch=mlm_packing.example_batch(rows, seq_len), summarize=summarize_with_baseline,
