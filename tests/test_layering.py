@@ -41,7 +41,7 @@ MAX_FUNCTION_LINES = 80
 #   3   workdir   reporting   artifact   serve_engine   serve_app
 #       |
 #   2   data.*  optim  parallel  checkpoint  hf_bert  metrics  decode  losses  batcher  hub  preemption
-#       serve_metrics  budget  baselines  encoder_jax (__init__)
+#       serve_metrics  budget  baselines  static_embeddings  encoder_jax (__init__)
 #       |
 #   1   models
 #       |
@@ -56,7 +56,8 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: ("encoder_jax.data", "encoder_jax.optim", "encoder_jax.parallel", "encoder_jax.checkpoint",
         "encoder_jax.hf_bert", "encoder_jax.metrics", "encoder_jax.decode", "encoder_jax.losses", "encoder_jax.batcher", "encoder_jax.hub",
         "encoder_jax.preemption", "encoder_jax.gmm", "encoder_jax.clustering", "encoder_jax.embeddings",
-        "encoder_jax.serve_metrics", "encoder_jax.budget", "encoder_jax.baselines", "encoder_jax"),
+        "encoder_jax.serve_metrics", "encoder_jax.budget", "encoder_jax.baselines", "encoder_jax.static_embeddings",
+        "encoder_jax"),
     3: ("encoder_jax.workdir", "encoder_jax.reporting", "encoder_jax.artifact",
         "encoder_jax.serve_engine", "encoder_jax.serve_app"),
     4: ("encoder_jax.pretrained",),
