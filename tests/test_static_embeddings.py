@@ -66,7 +66,7 @@ def test_corpus_embeddings_are_deterministic_and_bad_inputs_are_named():
         static_embeddings.corpus_embeddings(docs, 30, 30, window=2, std=1.0)
 
 
-def test_mlm_embedding_init_ppmi_replaces_seen_rows_of_the_fresh_token_table(corpus_files, data_cache):
+def test_mlm_embedding_init_ppmi_replaces_seen_rows_and_keeps_the_head_logits_at_fresh_scale(corpus_files, data_cache):
     config = tiny_config(corpus_files, data_cache, **{"mlm.embedding_init": "ppmi", "mlm.ppmi_std": 0.7,
                                                       "mlm.ppmi_docs": 100})
     task = mlm.build(config, None)
@@ -77,6 +77,11 @@ def test_mlm_embedding_init_ppmi_replaces_seen_rows_of_the_fresh_token_table(cor
     changed = (table != before).any(axis=1)
     assert 20 < changed.sum() < table.shape[0]  # the special tokens are never seen: kept fresh
     np.testing.assert_allclose(table[changed].std(), 0.7, rtol=1e-4)
+    # The tied head's logits keep their fresh scale: its last LayerNorm shrinks as the table grew.
+    factor = config.model.init_std / 0.7
+    for key in ("scale", "bias"):
+        np.testing.assert_allclose(params["transform_norm"][key],
+                                   np.asarray(fresh["transform_norm"][key]) * factor, rtol=1e-6)
     for name in ("block_0", "embed_norm", "position_embed"):
         for a, b in zip(jax.tree_util.tree_leaves(params["encoder"][name]),
                         jax.tree_util.tree_leaves(fresh["encoder"][name])):

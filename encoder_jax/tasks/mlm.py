@@ -290,9 +290,24 @@ def ppmi_token_table(mlm_cfg: configs.MaskedLmConfig, model_cfg: EncoderConfig, 
         encoder = params["encoder"]
         fresh = np.asarray(encoder["token_embed"]["embedding"])
         merged = np.where(seen[:, None], table, fresh).astype(fresh.dtype)
-        return {**params, "encoder": {**encoder, "token_embed": {**encoder["token_embed"],
-                                                                 "embedding": merged}}}
+        params = {**params, "encoder": {**encoder, "token_embed": {**encoder["token_embed"],
+                                                                   "embedding": merged}}}
+        return _tied_logits_at_fresh_scale(params, model_cfg.init_std / mlm_cfg.ppmi_std)
     return init
+
+
+def _tied_logits_at_fresh_scale(params, factor: float):
+    """Scales the MLM heads' last LayerNorm by `factor` so that logits against the rescaled
+    tied token table start at the size they have against a fresh N(0, init_std) table."""
+    def scaled(head):
+        norm = head["transform_norm"]
+        return {**head, "transform_norm": {k: np.asarray(v) * factor for k, v in norm.items()}}
+
+    if "transform_norm" in params:
+        params = scaled(params)
+    if "generator" in params and "transform_norm" in params["generator"]:  # electra
+        params = {**params, "generator": scaled(params["generator"])}
+    return params
 
 
 def host_rows(global_rows: int, shard_count: int, field: str) -> int:
