@@ -188,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--torch_python", required=True,
                    help="python interpreter with torch + transformers (e.g. another venv's bin/python)")
-    p.add_argument("--shapes", default="small", help="comma-separated: small, base")
+    p.add_argument("--shapes", default="small", help="comma-separated: tiny, small, base")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds for `small`")
     p.add_argument("--base_rounds", type=int, default=1, help="alternating rounds for `base`")
     p.add_argument("--steps", type=int, default=6, help="timed steps per trial (small)")

@@ -216,7 +216,7 @@ def run_one(shape_name: str, args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see --help)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="small", help="comma-separated: small, base")
+    p.add_argument("--shape", default="small", help="comma-separated: tiny, small, base")
     p.add_argument("--batch_size", type=int, default=0, help="override the shape's batch (0: keep)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median is reported)")
     p.add_argument("--base_steps", type=int, default=3, help="timed steps for `base` (0: --steps)")
