@@ -31,7 +31,8 @@ def read_rows(path: str, text_columns: list[int], label_column: int, delimiter: 
               ) -> tuple[list[str], list[str]]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE))
+        quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+        rows = list(csv.reader(f, delimiter=delimiter, quoting=quoting))
     return [" ".join(r[i] for i in text_columns) for r in rows], [r[label_column] for r in rows]
 
 

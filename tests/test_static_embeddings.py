@@ -66,9 +66,10 @@ def test_corpus_embeddings_are_deterministic_and_bad_inputs_are_named():
         static_embeddings.corpus_embeddings(docs, 30, 30, window=2, std=1.0)
 
 
-def test_mlm_embedding_init_ppmi_replaces_seen_rows_and_keeps_the_head_logits_at_fresh_scale(corpus_files, data_cache):
-    config = tiny_config(corpus_files, data_cache, **{"mlm.embedding_init": "ppmi", "mlm.ppmi_std": 0.7,
-                                                      "mlm.ppmi_docs": 100})
+def test_mlm_ppmi_init_replaces_seen_rows_and_keeps_head_logits_at_fresh_scale(
+        corpus_files, data_cache):
+    config = tiny_config(corpus_files, data_cache, **{
+        "mlm.embedding_init": "ppmi", "mlm.ppmi_std": 0.7, "mlm.ppmi_docs": 100})
     task = mlm.build(config, None)
     fresh = task.init_params(jax.random.key(0))
     params = task.init_from(jax.device_get(fresh))

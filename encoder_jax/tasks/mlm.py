@@ -282,7 +282,8 @@ def ppmi_token_table(mlm_cfg: configs.MaskedLmConfig, model_cfg: EncoderConfig, 
     file of a mixed corpus is sampled). Tokens the sample never shows keep their fresh rows.
     """
     def init(params):
-        picked = np.unique(np.linspace(0, len(source) - 1, min(len(source), mlm_cfg.ppmi_docs)).astype(int))
+        count = min(len(source), mlm_cfg.ppmi_docs)
+        picked = np.unique(np.linspace(0, len(source) - 1, count).astype(int))
         docs = (tokenizer.encode(source[int(i)][text_field]) for i in picked)
         table, seen = static_embeddings.corpus_embeddings(
             docs, model_cfg.vocab_size, model_cfg.hidden_dim, window=mlm_cfg.ppmi_window,
