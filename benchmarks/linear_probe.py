@@ -25,6 +25,7 @@ import numpy as np
 
 import encoder_jax as ej
 from encoder_jax import api
+from encoder_jax.models import BertForMaskedLM
 
 
 def read_rows(path: str, text_columns: list[int], label_column: int, delimiter: str
@@ -38,7 +39,8 @@ def read_rows(path: str, text_columns: list[int], label_column: int, delimiter: 
 
 def token_table_features(params, tokenizer, texts: list[str]) -> np.ndarray:
     """(N, D): the mean of each text's token vectors from the encoder's token table."""
-    table = np.asarray(params["encoder"]["token_embed"]["embedding"])
+    encoder = params if "token_embed" in params else params["encoder"]  # a bare HF encoder, or a run
+    table = np.asarray(encoder["token_embed"]["embedding"])
     out = np.zeros((len(texts), table.shape[1]), np.float32)
     for i, text in enumerate(texts):
         ids = tokenizer.encode(text)
@@ -50,10 +52,9 @@ def token_table_features(params, tokenizer, texts: list[str]) -> np.ndarray:
 def fresh_params(model):
     """A random initialisation of the loaded model's shape (seed 1)."""
     ids = jnp.ones((1, 8), jnp.int32)
-    try:
-        return model.init(jax.random.key(1), ids)["params"]
-    except TypeError:  # BertForMaskedLM also takes its prediction positions
+    if isinstance(model, BertForMaskedLM):  # it also takes its prediction positions
         return model.init(jax.random.key(1), ids, jnp.zeros((1, 2), jnp.int32))["params"]
+    return model.init(jax.random.key(1), ids)["params"]
 
 
 def main() -> None:

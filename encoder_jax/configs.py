@@ -310,7 +310,7 @@ MINIMUMS: dict[type, dict[str, float]] = {
     FinetuneConfig: {"label_smoothing": 0.0, "augment_delete": 0.0, "augment_mask": 0.0,
                      "reinit_top_layers": 0},
     MaskedLmConfig: {"generator_layers": 1, "rtd_weight": 0.0, "ppmi_window": 1, "ppmi_docs": 1,
-                     "ppmi_std": 0.0},
+                     "ppmi_std": 1e-6},
     TranslationDataConfig: {"max_len": 3, "max_tokens": 1, "batch_multiple": 1, "window": 1,
                             "max_train_examples": 1, "max_eval_examples": 1, "workers": 0,
                             "prefetch": 1},

@@ -21,22 +21,38 @@ from scipy.sparse.linalg import svds
 from encoder_jax import errors
 
 
-def cooccurrence(docs: Iterable[Sequence[int]], vocab_size: int, window: int) -> sp.csr_matrix:
-    """Symmetric counts (V, V) float32: pairs of tokens at most `window` apart in a document."""
-    rows, cols = [], []
+def cooccurrence(docs: Iterable[Sequence[int]], vocab_size: int, window: int,
+                 chunk_pairs: int = 4_000_000) -> sp.csr_matrix:
+    """Symmetric counts (V, V) float64: pairs of tokens at most `window` apart in a document.
+
+    Pairs are summed into the sparse matrix every `chunk_pairs`, so memory stays bounded by
+    the distinct pairs, not by the corpus length.
+    """
+    counts = sp.csr_matrix((vocab_size, vocab_size), dtype=np.float64)
+    rows, cols, pending = [], [], 0
+
+    def flush():
+        r, c = np.concatenate(rows), np.concatenate(cols)
+        largest = max(r.max(), c.max())
+        if largest >= vocab_size:
+            raise errors.DataError(f"token id {largest} >= vocab_size {vocab_size}")
+        rows.clear()
+        cols.clear()
+        return sp.coo_matrix((np.ones(len(r)), (r, c)), shape=(vocab_size, vocab_size)).tocsr()
+
+    seen_pairs = False
     for doc in docs:
         ids = np.asarray(doc, np.int64)
         for offset in range(1, min(window, len(ids) - 1) + 1):
             rows.append(ids[:-offset])
             cols.append(ids[offset:])
-    if not rows:
+            pending += len(ids) - offset
+        if pending >= chunk_pairs:
+            counts, pending, seen_pairs = counts + flush(), 0, True
+    if rows:
+        counts, seen_pairs = counts + flush(), True
+    if not seen_pairs:
         raise errors.DataError("no document has two tokens: cannot count co-occurrences")
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
-    largest = max(rows.max(), cols.max())
-    if largest >= vocab_size:
-        raise errors.DataError(f"token id {largest} >= vocab_size {vocab_size}")
-    counts = sp.coo_matrix((np.ones(len(rows), np.float32), (rows, cols)),
-                           shape=(vocab_size, vocab_size)).tocsr()
     return (counts + counts.T).tocsr()
 
 

@@ -1,10 +1,13 @@
 """PPMI-SVD token vectors: counts, PMI formula, semantics on a two-topic corpus, MLM init wiring."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from encoder_jax import errors, static_embeddings
+from encoder_jax.layers import EncoderConfig
+from encoder_jax.models import BertForMaskedLM
 from encoder_jax.tasks import mlm
 
 from conftest import tiny_config
@@ -62,8 +65,17 @@ def test_corpus_embeddings_are_deterministic_and_bad_inputs_are_named():
         static_embeddings.cooccurrence([[1], []], 5, 2)
     with pytest.raises(errors.DataError, match="vocab_size 20"):
         static_embeddings.cooccurrence([[1, 25]], 20, 2)
+    chunked = static_embeddings.cooccurrence(docs, 30, 2, chunk_pairs=7)  # many partial sums
+    np.testing.assert_array_equal(chunked.toarray(), static_embeddings.cooccurrence(docs, 30, 2).toarray())
     with pytest.raises(errors.ConfigError, match="below the vocabulary size"):
         static_embeddings.corpus_embeddings(docs, 30, 30, window=2, std=1.0)
+
+
+def _tied_logits_std(config, params, vocab_size: int) -> float:
+    model = BertForMaskedLM(EncoderConfig.from_config(config.model, vocab_size))
+    ids = jax.random.randint(jax.random.key(3), (4, 16), 5, vocab_size)
+    positions = jnp.tile(jnp.arange(0, 16, 2), (4, 1))
+    return float(jnp.std(model.apply({"params": params}, ids, positions)))
 
 
 def test_mlm_ppmi_init_replaces_seen_rows_and_keeps_head_logits_at_fresh_scale(
@@ -71,21 +83,43 @@ def test_mlm_ppmi_init_replaces_seen_rows_and_keeps_head_logits_at_fresh_scale(
     config = tiny_config(corpus_files, data_cache, **{
         "mlm.embedding_init": "ppmi", "mlm.ppmi_std": 0.7, "mlm.ppmi_docs": 100})
     task = mlm.build(config, None)
-    fresh = task.init_params(jax.random.key(0))
-    params = task.init_from(jax.device_get(fresh))
+    fresh = jax.device_get(task.init_params(jax.random.key(0)))
+    params = task.init_from(fresh)
     table = np.asarray(params["encoder"]["token_embed"]["embedding"])
     before = np.asarray(fresh["encoder"]["token_embed"]["embedding"])
     changed = (table != before).any(axis=1)
-    assert 20 < changed.sum() < table.shape[0]  # the special tokens are never seen: kept fresh
+    assert changed.sum() > 20
+    assert not changed[[0, 2, 3, 4]].any()  # [PAD] [CLS] [SEP] [MASK] never co-occur: kept fresh
     np.testing.assert_allclose(table[changed].std(), 0.7, rtol=1e-4)
-    # The tied head's logits keep their fresh scale: its last LayerNorm shrinks as the table grew.
-    factor = config.model.init_std / 0.7
-    for key in ("scale", "bias"):
-        np.testing.assert_allclose(params["transform_norm"][key],
-                                   np.asarray(fresh["transform_norm"][key]) * factor, rtol=1e-6)
+    # The table grew ~40x; the tied head's last LayerNorm shrinks so logits keep their fresh size.
+    fresh_std = _tied_logits_std(config, fresh, table.shape[0])
+    assert 0.5 < _tied_logits_std(config, params, table.shape[0]) / fresh_std < 2.0
+    unscaled = {**params, "transform_norm": fresh["transform_norm"]}
+    assert _tied_logits_std(config, unscaled, table.shape[0]) / fresh_std > 10.0
     for name in ("block_0", "embed_norm", "position_embed"):
         for a, b in zip(jax.tree_util.tree_leaves(params["encoder"][name]),
                         jax.tree_util.tree_leaves(fresh["encoder"][name])):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(errors.ConfigError, match="mlm.embedding_init='glove'; valid"):
         mlm.build(tiny_config(corpus_files, data_cache, **{"mlm.embedding_init": "glove"}), None)
+    with pytest.raises(errors.ConfigError,
+                       match=r"model.hidden_dim=256 below the vocabulary size \d+ \(tokenizer.vocab_size"):
+        mlm.build(tiny_config(corpus_files, data_cache, **{"mlm.embedding_init": "ppmi",
+                                                           "model.hidden_dim": 256}), None)
+    with pytest.raises(errors.ConfigError, match="mlm.ppmi_std=0.0 must be >="):
+        mlm.build(tiny_config(corpus_files, data_cache, **{"mlm.ppmi_std": 0.0}), None)
+
+
+def test_electra_ppmi_init_rescales_the_generator_head_and_keeps_bfloat16_params(
+        corpus_files, data_cache):
+    config = tiny_config(corpus_files, data_cache, **{
+        "mlm.embedding_init": "ppmi", "mlm.objective": "electra", "model.param_dtype": "bfloat16"})
+    task = mlm.build(config, None)
+    fresh = jax.device_get(task.init_params(jax.random.key(0)))
+    params = task.init_from(fresh)
+    for before, after in zip(jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(params)):
+        assert before.dtype == after.dtype and before.shape == after.shape
+    factor = config.model.init_std / config.mlm.ppmi_std
+    np.testing.assert_allclose(np.asarray(params["generator"]["transform_norm"]["scale"], np.float32),
+                               factor, rtol=1e-2)
+    assert "transform_norm" not in params  # the discriminator's head is not tied to the table

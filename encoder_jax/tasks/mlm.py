@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -28,6 +29,8 @@ from encoder_jax.losses import argmax_equals  # noqa: F401  (re-exported: the ML
 from encoder_jax.layers import EncoderConfig
 from encoder_jax.models import BertForMaskedLM
 from encoder_jax.tasks.base import Task, stateless
+
+log = logging.getLogger("encoder_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,7 +305,8 @@ def _tied_logits_at_fresh_scale(params, factor: float):
     tied token table start at the size they have against a fresh N(0, init_std) table."""
     def scaled(head):
         norm = head["transform_norm"]
-        return {**head, "transform_norm": {k: np.asarray(v) * factor for k, v in norm.items()}}
+        return {**head, "transform_norm": {
+            k: (np.asarray(v) * factor).astype(np.asarray(v).dtype) for k, v in norm.items()}}
 
     if "transform_norm" in params:
         params = scaled(params)
@@ -358,7 +362,14 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     if pretrained is not None:
         init_from = lambda params: pretrained_lib.merge_params(params, pretrained.load_params(),
                                                                pretrained.source)
+        if mlm_cfg.embedding_init != "random":
+            log.warning("mlm.embedding_init=%s ignored: the weights come from %s",
+                        mlm_cfg.embedding_init, pretrained.source)
     elif mlm_cfg.embedding_init == "ppmi":
+        if model_cfg.hidden_dim >= model_cfg.vocab_size:
+            raise errors.ConfigError(
+                f"mlm.embedding_init=ppmi needs model.hidden_dim={model_cfg.hidden_dim} below the "
+                f"vocabulary size {model_cfg.vocab_size} (tokenizer.vocab_size)")
         init_from = ppmi_token_table(mlm_cfg, model_cfg, tokenizer, splits["train"],
                                      data_cfg.text_field, config.seed)
     return Task(
