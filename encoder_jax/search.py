@@ -281,10 +281,13 @@ def curve_points(summary: dict[str, Any], field: str) -> tuple[dict[str, list], 
         value = e["setting"][field]
         return value if value is not None else e.get("num_train", fallback)
 
+    def short(value):  # a run directory is named by its last component in the legend
+        return os.path.basename(value.rstrip("/")) if isinstance(value, str) and "/" in value else value
+
     lines: dict[str, list] = {}
     baseline: dict[Any, float] = {}
     for e in points:
-        rest = setting_name({k: v for k, v in e["setting"].items() if k != field})
+        rest = setting_name({k: short(v) for k, v in e["setting"].items() if k != field})
         if summary["metric"] in e["metrics"]:
             lines.setdefault(rest, []).append((x_of(e), *e["metrics"][summary["metric"]]))
         if "baseline" in e:

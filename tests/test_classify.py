@@ -442,6 +442,15 @@ def test_reinit_top_blocks_takes_only_the_top_blocks_and_pooler_from_the_fresh_p
         pretrained.reinit_top_blocks(params(1.0), params(0.0), 4)
 
 
+def test_curve_legend_names_a_run_directory_by_its_last_component():
+    summary = {"metric": "accuracy", "points": [
+        {"setting": {"data.max_train_examples": n, "init_from": init}, "metrics": {"accuracy": (acc, 0.0)}}
+        for n, init, acc in ((10, None, 0.5), (20, None, 0.6), (10, "/data/runs/pre_ag/", 0.7))]}
+    lines, baseline = search.curve_points(summary, "data.max_train_examples")
+    assert lines == {"init_from=None": [(10, 0.5, 0.0), (20, 0.6, 0.0)],
+                     "init_from=pre_ag": [(10, 0.7, 0.0)]} and baseline == []
+
+
 def test_sweep_runs_by_index_then_completes_its_tables_baseline_and_curve(news, data_cache, tmp_path):
     """A label-efficiency sweep: runs by index, then the rest; each run's rows also fit the
     linear baseline; the table and curve.png show both against data.max_train_examples."""
