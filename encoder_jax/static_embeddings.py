@@ -33,14 +33,14 @@ def cooccurrence(docs: Iterable[Sequence[int]], vocab_size: int, window: int,
 
     def flush():
         r, c = np.concatenate(rows), np.concatenate(cols)
-        largest = max(r.max(), c.max())
-        if largest >= vocab_size:
-            raise errors.DataError(f"token id {largest} >= vocab_size {vocab_size}")
+        smallest, largest = min(r.min(), c.min()), max(r.max(), c.max())
+        if smallest < 0 or largest >= vocab_size:
+            raise errors.DataError(f"token ids span {smallest}..{largest}; valid: 0..{vocab_size - 1} "
+                                   f"(vocab_size {vocab_size})")
         rows.clear()
         cols.clear()
         return sp.coo_matrix((np.ones(len(r)), (r, c)), shape=(vocab_size, vocab_size)).tocsr()
 
-    seen_pairs = False
     for doc in docs:
         ids = np.asarray(doc, np.int64)
         for offset in range(1, min(window, len(ids) - 1) + 1):
@@ -48,10 +48,10 @@ def cooccurrence(docs: Iterable[Sequence[int]], vocab_size: int, window: int,
             cols.append(ids[offset:])
             pending += len(ids) - offset
         if pending >= chunk_pairs:
-            counts, pending, seen_pairs = counts + flush(), 0, True
+            counts, pending = counts + flush(), 0
     if rows:
-        counts, seen_pairs = counts + flush(), True
-    if not seen_pairs:
+        counts = counts + flush()
+    if counts.nnz == 0:
         raise errors.DataError("no document has two tokens: cannot count co-occurrences")
     return (counts + counts.T).tocsr()
 

@@ -65,6 +65,8 @@ def test_corpus_embeddings_are_deterministic_and_bad_inputs_are_named():
         static_embeddings.cooccurrence([[1], []], 5, 2)
     with pytest.raises(errors.DataError, match="vocab_size 20"):
         static_embeddings.cooccurrence([[1, 25]], 20, 2)
+    with pytest.raises(errors.DataError, match=r"span -1\.\.1; valid: 0\.\.19"):
+        static_embeddings.cooccurrence([[1, -1]], 20, 2)
     chunked = static_embeddings.cooccurrence(docs, 30, 2, chunk_pairs=7)  # many partial sums
     np.testing.assert_array_equal(chunked.toarray(), static_embeddings.cooccurrence(docs, 30, 2).toarray())
     with pytest.raises(errors.ConfigError, match="below the vocabulary size"):
