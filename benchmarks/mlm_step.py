@@ -127,6 +127,7 @@ def compile_train_step(task, config, num_steps: int):
                        out_shardings=(shardings, None), donate_argnums=0
                        ).lower(state, example, train_key).compile()
     compile_s = time.perf_counter() - t0
+    parallel.release_freed_host_memory()  # as train.run does after compiling
     return compiled, state, train_key, batch_sharding, compile_s
 
 

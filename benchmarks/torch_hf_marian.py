@@ -9,7 +9,7 @@ different: Marian has sinusoidal positions and post-LN; ours learned positions a
 
 `--part train`: forward on (source, [BOS] + target[:-1]), label-smoothed (0.1) cross-entropy
 on target (`torch.nn.functional.cross_entropy(label_smoothing=0.1)`, the same formula as
-`tasks.translate.token_sums`), backward, global-norm clipping at 1.0, AdamW with the
+`losses.output_cross_entropy`), backward, global-norm clipping at 1.0, AdamW with the
 `experiments/translate_zh_en.py:wmt` settings (weight decay 0.01 not on biases/LayerNorm).
 `--part greedy` / `--part beam`: `model.generate(max_new_tokens=N, min_new_tokens=N,
 num_beams=1|4, do_sample=False)` over B sources: exactly N non-EOS tokens per row.

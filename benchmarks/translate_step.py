@@ -251,7 +251,7 @@ def build_task(config, shape: Seq2SeqShape):
     Returns (task, model, translate config). Only data and tokenizers are replaced.
     """
     from encoder_jax import configs
-    from encoder_jax.models import EncoderDecoder
+    from encoder_jax.seq2seq import EncoderDecoder
     from encoder_jax.tasks import translate
     from encoder_jax.tasks.base import Task, stateless
 

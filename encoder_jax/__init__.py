@@ -30,11 +30,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "EncoderConfig": "encoder_jax.layers",
     "attention_mask": "encoder_jax.layers",
-    "Seq2SeqConfig": "encoder_jax.models",
+    "Seq2SeqConfig": "encoder_jax.seq2seq",
     "BertEncoder": "encoder_jax.models",
     "BertForMaskedLM": "encoder_jax.models",
     "BertForClassification": "encoder_jax.models",
-    "EncoderDecoder": "encoder_jax.models",
+    "EncoderDecoder": "encoder_jax.seq2seq",
     "greedy_search": "encoder_jax.decode",
     "beam_search": "encoder_jax.decode",
     "SentencePieceTokenizer": "encoder_jax.data.tokenizer",

@@ -27,8 +27,8 @@ from encoder_jax import artifact as artifact_lib
 from encoder_jax import hub, pretrained
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.layers import EncoderConfig
-from encoder_jax.models import (BertEncoder, BertForClassification, BertForMaskedLM, EncoderDecoder,
-                                Seq2SeqConfig)
+from encoder_jax.models import BertEncoder, BertForClassification, BertForMaskedLM
+from encoder_jax.seq2seq import EncoderDecoder, Seq2SeqConfig
 
 PAD_MULTIPLE = 16
 _JITTED: dict[tuple[int, str], Any] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 from typing import Any
@@ -92,3 +93,16 @@ def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = 2 ** 14) ->
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Host-local numpy batch -> global array sharded over the batch axes (multi-host safe)."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def release_freed_host_memory() -> None:
+    """Returns heap memory that was freed (the XLA compiler's scratch) to the OS.
+
+    glibc keeps freed memory mapped: after compiling the Transformer-base translation
+    step, ~300 MB of the compiler's scratch stay resident and the step's buffers stack
+    on top of it (peak RSS). A no-op where the C library has no `malloc_trim`.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

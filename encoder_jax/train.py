@@ -192,6 +192,7 @@ def setup(config, trainer: TrainerConfig, workdir: str) -> Setup:
         signature = tuple(sorted((k, v.shape) for k, v in batch.items()))
         if signature not in compiled:
             compiled[signature] = step_fn.lower(abstract, batch, train_key).compile()
+            parallel.release_freed_host_memory()
         return compiled[signature]
 
     return Setup(task, state, abstract, shardings, batch_sharding, checkpointer, train_iter,

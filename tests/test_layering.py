@@ -43,7 +43,7 @@ MAX_FUNCTION_LINES = 80
 #   2   data.*  optim  parallel  checkpoint  hf_bert  metrics  decode  losses  batcher  hub  preemption
 #       serve_metrics  budget  baselines  static_embeddings  encoder_jax (__init__)
 #       |
-#   1   models
+#   1   models   seq2seq
 #       |
 #   0   layers   configs   errors
 #
@@ -52,7 +52,7 @@ MAX_FUNCTION_LINES = 80
 # package's own __init__) covers only itself, so a new top-level module is unranked.
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("encoder_jax.layers", "encoder_jax.configs", "encoder_jax.config_types", "encoder_jax.errors"),
-    1: ("encoder_jax.models", "encoder_jax.topic_models", "encoder_jax.electra"),
+    1: ("encoder_jax.models", "encoder_jax.seq2seq", "encoder_jax.topic_models", "encoder_jax.electra"),
     2: ("encoder_jax.data", "encoder_jax.optim", "encoder_jax.parallel", "encoder_jax.checkpoint",
         "encoder_jax.hf_bert", "encoder_jax.metrics", "encoder_jax.decode", "encoder_jax.losses", "encoder_jax.batcher", "encoder_jax.hub",
         "encoder_jax.preemption", "encoder_jax.gmm", "encoder_jax.clustering", "encoder_jax.embeddings",

@@ -7,7 +7,7 @@ import pytest
 
 from encoder_jax import decode
 from encoder_jax.layers import EncoderConfig
-from encoder_jax.models import EncoderDecoder, Seq2SeqConfig, reorder_beam_cache
+from encoder_jax.seq2seq import EncoderDecoder, Seq2SeqConfig, reorder_beam_cache
 
 
 def make(share=False, tie=True, pre_norm=True, vocab=(50, 40)):

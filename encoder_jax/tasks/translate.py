@@ -26,13 +26,16 @@ from encoder_jax import configs, decode, losses, metrics, pretrained as pretrain
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, sources, tokenizer as tokenizer_lib
 from encoder_jax.data import translation as data_lib
-from encoder_jax.models import EncoderDecoder, Seq2SeqConfig, reorder_beam_cache
+from encoder_jax.seq2seq import EncoderDecoder, Seq2SeqConfig, reorder_beam_cache
 from encoder_jax.tasks.base import Task, stateless
 
 log = logging.getLogger("encoder_jax")
 
 TARGET_TOKENIZER_DIR = "target_tokenizer"  # <workdir>/target_tokenizer/: a separate target model
 TRANSLATIONS_DIR = "translations"  # <workdir>/translations/step_N.txt: samples and all hypotheses
+# Target positions per chunk of the fused output layer + loss: one chunk's float32 logits
+# (rows x V) is all of the V-way output that exists at a time (33 MB at V = 32k).
+OUTPUT_CHUNK_ROWS = 256
 
 
 # ----------------------------------------------------------------------------- tokenizers and model
@@ -235,15 +238,6 @@ def write_translations(directory: str, step: int, sources_text, references, hypo
 # ----------------------------------------------------------------------------- task
 
 
-def token_sums(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
-               label_smoothing: float) -> dict[str, jax.Array]:
-    """Per-row sums (B,) of the smoothed loss, nll, correct tokens and real tokens."""
-    xent_BxT, nll_BxT = losses.smoothed_cross_entropy(logits_BxTxV, targets_BxT, label_smoothing)
-    correct_BxT = losses.argmax_equals(logits_BxTxV, targets_BxT).astype(jnp.float32)
-    return {"loss": (xent_BxT * weights_BxT).sum(-1), "nll": (nll_BxT * weights_BxT).sum(-1),
-            "accuracy": (correct_BxT * weights_BxT).sum(-1), "denominator": weights_BxT.sum(-1)}
-
-
 def model_functions(model: EncoderDecoder, tr: configs.TranslateConfig, max_len: int,
                     bos_id: int, eos_id: int):
     """(init_params, loss(params, batch, rng, train), eval_fn) of the seq2seq model."""
@@ -251,16 +245,25 @@ def model_functions(model: EncoderDecoder, tr: configs.TranslateConfig, max_len:
     def init_params(rng):
         return model.init(rng, jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))["params"]
 
+    def fused_sums(params, batch, rng, train):
+        """(loss sum to differentiate, per-row sums): the output layer and the loss fused."""
+        y_BxTxD, table_VxD, bias_V = model.apply(
+            {"params": params}, batch["source_ids"], batch["target_in"],
+            batch["source_segment_ids"], batch["target_segment_ids"], deterministic=not train,
+            rngs={"dropout": rng}, method=EncoderDecoder.features)
+        weights_BxT = target_weights(batch)
+        loss_sum, rows = losses.output_cross_entropy(
+            y_BxTxD, table_VxD, bias_V, batch["target_out"], weights_BxT,
+            tr.label_smoothing if train else 0.0, chunk_rows=OUTPUT_CHUNK_ROWS)
+        return loss_sum, {**rows, "denominator": weights_BxT.sum(-1)}
+
     def row_sums(params, batch, rng, train):
-        logits_BxTxV = model.apply({"params": params}, batch["source_ids"], batch["target_in"],
-                                   batch["source_segment_ids"], batch["target_segment_ids"],
-                                   deterministic=not train, rngs={"dropout": rng})
-        return token_sums(logits_BxTxV, batch["target_out"], target_weights(batch),
-                          tr.label_smoothing if train else 0.0)
+        return fused_sums(params, batch, rng, train)[1]
 
     def loss(params, batch, rng, train):
-        sums = {k: v.sum() for k, v in row_sums(params, batch, rng, train).items()}
-        return sums["loss"] / jnp.maximum(sums["denominator"], 1.0), sums
+        loss_sum, rows = fused_sums(params, batch, rng, train)
+        sums = {k: v.sum() for k, v in rows.items()}
+        return loss_sum / jnp.maximum(sums["denominator"], 1.0), {**sums, "loss": loss_sum}
 
     def eval_fn(params, model_state, batch, rng):
         del model_state
