@@ -17,8 +17,17 @@ from encoder_jax import errors
 
 Dtype = Any
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x), written with erf as BERT / PyTorch do.
+
+    `jax.nn.gelu(approximate=False)` (via erfc) gives the same values within 1e-6 but
+    XLA:CPU evaluates erfc through a longer polynomial: ~4x the forward time here.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))  # 1 / sqrt(2)
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # BERT / Hugging Face "gelu"
+    "gelu": gelu,  # BERT / Hugging Face "gelu"
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # "gelu_new"
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
