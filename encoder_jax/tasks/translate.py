@@ -33,9 +33,10 @@ log = logging.getLogger("encoder_jax")
 
 TARGET_TOKENIZER_DIR = "target_tokenizer"  # <workdir>/target_tokenizer/: a separate target model
 TRANSLATIONS_DIR = "translations"  # <workdir>/translations/step_N.txt: samples and all hypotheses
-# Target positions per chunk of the fused output layer + loss: one chunk's float32 logits
-# (rows x V) is all of the V-way output that exists at a time (33 MB at V = 32k).
-OUTPUT_CHUNK_ROWS = 256
+# Logits per chunk of the fused output layer + loss: one chunk's float32 logits (rows x V,
+# 32 MiB) is all of the V-way output that exists at a time; 256 rows at V = 32k, one chunk
+# for a small vocabulary.
+OUTPUT_CHUNK_FLOATS = 2 ** 23
 
 
 # ----------------------------------------------------------------------------- tokenizers and model
@@ -254,7 +255,8 @@ def model_functions(model: EncoderDecoder, tr: configs.TranslateConfig, max_len:
         weights_BxT = target_weights(batch)
         loss_sum, rows = losses.output_cross_entropy(
             y_BxTxD, table_VxD, bias_V, batch["target_out"], weights_BxT,
-            tr.label_smoothing if train else 0.0, chunk_rows=OUTPUT_CHUNK_ROWS)
+            tr.label_smoothing if train else 0.0,
+            chunk_rows=max(1, OUTPUT_CHUNK_FLOATS // table_VxD.shape[0]))
         return loss_sum, {**rows, "denominator": weights_BxT.sum(-1)}
 
     def row_sums(params, batch, rng, train):
