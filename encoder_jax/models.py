@@ -14,7 +14,6 @@ decide who may attend to whom.
 
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

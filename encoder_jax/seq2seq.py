@@ -154,12 +154,14 @@ class Decoder(nn.Module):
         dtype = self.config.decoder.dtype
         if self.final_norm is not None:
             y_BxTxD = self.final_norm(y_BxTxD)
-        if self.output is not None:
-            table_VxD = self.output.variables["params"]["kernel"].T
+        bias_V = self.output_bias
+        if self.output is not None:  # the untied output layer's own bias adds to output_bias
+            layer = self.output.variables["params"]
+            table_VxD, bias_V = layer["kernel"].T, bias_V + layer["bias"]
         else:
             table = shared.token_embed if self.token_embed is None else self.token_embed
             table_VxD = table.embedding
-        return y_BxTxD.astype(dtype), table_VxD.astype(dtype), self.output_bias
+        return y_BxTxD.astype(dtype), table_VxD.astype(dtype), bias_V
 
     def __call__(self, target_in_BxT, encoded_BxSxD, source_segment_ids_BxS, target_segment_ids_BxT,
                  shared, deterministic: bool = True) -> jax.Array:

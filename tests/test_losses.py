@@ -83,6 +83,11 @@ def test_features_rebuild_the_model_logits(tie_output):
     source = jnp.asarray([[5, 6, 7, 0], [8, 9, 0, 0]], jnp.int32)
     target = jnp.asarray([[2, 4, 5], [2, 7, 0]], jnp.int32)
     params = model.init(jax.random.key(0), source, target)["params"]
+    # Every parameter moved off its init, so zero-initialised biases count too.
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
+                                                 for x, k in zip(leaves, keys)])
     logits = model.apply({"params": params}, source, target)
     y, table, bias = model.apply({"params": params}, source, target,
                                  method=EncoderDecoder.features)
