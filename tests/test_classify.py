@@ -1,6 +1,7 @@
 """Classification: head, data, metrics vs scikit-learn, freezing, optimizers, init_from, search, bad input."""
 
 import csv
+import itertools
 import json
 import logging
 import os
@@ -150,6 +151,19 @@ def test_train_batches_keys_shapes_dtypes_and_exact_resume(news, data_cache):
     for want in expected:
         got = next(again)
         assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_training_split_encoded_once_streams_the_same_batches_as_encoding_on_the_fly(
+        news, data_cache, monkeypatch):
+    config = news_config(news, data_cache, **{"data.pad_lengths": (16, 24, 32)})
+    take = lambda: list(itertools.islice(iter(build(config).train_data), 20))  # 160 rows: > 1 epoch
+    in_memory = take()
+    monkeypatch.setattr(data_lib, "ENCODE_ONCE_MAX_RECORDS", 0)
+    on_the_fly = take()
+    for a, b in zip(in_memory, on_the_fly, strict=True):
+        assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    # `index` is the position in the repeated stream: the second epoch's rows do not repeat it.
+    assert len({int(i) for batch in in_memory for i in batch["index"]}) == 20 * 8
 
 
 def test_eval_batches_count_every_example_exactly_once():

@@ -27,6 +27,13 @@ from encoder_jax.data.sources import DataError
 SEQUENCE_KEYS = ("ids", "type_ids")  # int32 (B, L), 0 = padding
 SCALAR_KEYS = ("label",)  # int32 (B,), clipped at 0 (a missing label, -1, reads as 0)
 
+# grain's default (16 threads, 500 elements ahead) suits remote disks. Its iterator polls the
+# ready part of that buffer at every element: for short records already encoded, 10x the CPU
+# of the rest of the input pipeline, CPU that the step needs (benchmarks/input_pipeline.py).
+# Two threads keep tokenizing off the step's path; records already in memory need none.
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
+IN_MEMORY_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
 
 def make_pad_lengths(requested: Sequence[int] | None, max_len: int) -> tuple[int, ...]:
     """Sorted allowed lengths <= max_len, always ending at max_len."""

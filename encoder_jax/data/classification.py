@@ -232,6 +232,19 @@ class EncodeRecord(grain.transforms.MapWithIndex):
         return {"ids": ids, "type_ids": types, "label": label, "index": index}
 
 
+class StreamIndex(grain.transforms.MapWithIndex):
+    """An encoded example's `index` becomes its position in the shuffled, repeated stream
+    (as when encoding on the fly), which seeds the length-grouped batch order."""
+
+    def map_with_index(self, index: int, example: dict[str, Any]) -> dict[str, Any]:
+        return {**example, "index": index}
+
+
+# Training splits up to this size are encoded once, in memory (about 0.5 kB a record), so
+# that the input thread does not compete with the step for the CPU at every epoch.
+ENCODE_ONCE_MAX_RECORDS = 2_000_000
+
+
 def train_dataset(source, tokenizer: Tokenizer, labels: LabelSpace, cfg: EncodingConfig, *,
                   global_batch: int, seed: int, group: int = 8, shard_index: int = 0,
                   shard_count: int = 1, workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
@@ -242,9 +255,16 @@ def train_dataset(source, tokenizer: Tokenizer, labels: LabelSpace, cfg: Encodin
     """
     if global_batch % shard_count:
         raise DataError(f"data.batch_size={global_batch} must divide by the process count {shard_count}")
-    dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    dataset = dataset.map_with_index(EncodeRecord(tokenizer, labels, cfg, getattr(source, "name", "train")))
-    dataset = dataset.to_iter_dataset().batch(global_batch * max(1, group), batch_fn=list)
+    if len(source) <= ENCODE_ONCE_MAX_RECORDS:  # epochs then cost no reading or tokenizing
+        dataset = grain.MapDataset.source(encode_split(source, tokenizer, labels, cfg))
+        dataset = dataset.shuffle(seed=seed).repeat().map_with_index(StreamIndex())
+        dataset = dataset.to_iter_dataset(batching.IN_MEMORY_READ_OPTIONS)
+    else:
+        dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+        dataset = dataset.map_with_index(EncodeRecord(tokenizer, labels, cfg,
+                                                      getattr(source, "name", "train")))
+        dataset = dataset.to_iter_dataset(batching.READ_OPTIONS)
+    dataset = dataset.batch(global_batch * max(1, group), batch_fn=list)
     dataset = grain.experimental.FlatMapIterDataset(dataset, batching.LengthGroupedBatches(
         global_batch, max(1, group), cfg.pad_lengths, seed, shard_index, shard_count))
     if workers > 0:

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from encoder_jax.data.batching import pad_rows
+from encoder_jax.data.batching import READ_OPTIONS, pad_rows
 from encoder_jax.data.text import Tokenizer
 
 PACKED_FEATURES = ("ids", "word_starts")
@@ -62,8 +62,8 @@ def mlm_train_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size:
     """
     dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     dataset = dataset.map(TokenizeDocument(tokenizer, text_field))
-    dataset = _pack(dataset.to_iter_dataset(), seq_len).batch(batch_size * shard_count,
-                                                              drop_remainder=True)
+    dataset = _pack(dataset.to_iter_dataset(READ_OPTIONS), seq_len).batch(batch_size * shard_count,
+                                                                          drop_remainder=True)
     if shard_count > 1:
         dataset = dataset.map(HostRows(shard_index * batch_size, (shard_index + 1) * batch_size))
     if workers > 0:
@@ -91,7 +91,7 @@ def mlm_eval_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: 
     the others never join).
     """
     dataset = grain.MapDataset.source(source)
-    dataset = dataset.map(TokenizeDocument(tokenizer, text_field)).to_iter_dataset()
+    dataset = dataset.map(TokenizeDocument(tokenizer, text_field)).to_iter_dataset(READ_OPTIONS)
     global_rows = batch_size * shard_count
     dataset = _pack(dataset, seq_len).batch(global_rows, drop_remainder=False)
     take = HostRows(shard_index * batch_size, (shard_index + 1) * batch_size)

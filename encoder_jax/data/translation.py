@@ -190,7 +190,8 @@ def train_dataset(source, source_tokenizer: Tokenizer, target_tokenizer: Tokeniz
         dataset = dataset[:cfg.max_train_examples]
     # Encoding before the shuffle gives it the pair's own index (plus epoch x size), lazily.
     encode = EncodePair(source_tokenizer, target_tokenizer, split_size=len(dataset))
-    dataset = dataset.map_with_index(encode).shuffle(seed=seed).repeat(epochs).to_iter_dataset()
+    dataset = dataset.map_with_index(encode).shuffle(seed=seed).repeat(epochs)
+    dataset = dataset.to_iter_dataset(batching.READ_OPTIONS)
     dataset = dataset.filter(functools.partial(fits, max_len=cfg.max_len))
     dataset = grain.experimental.FlatMapIterDataset(dataset.batch(cfg.window, batch_fn=list), budget)
     if cfg.workers > 0:
