@@ -61,8 +61,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    overrides = dict(item.split("=", 1) for item in args.set)
-    config = api.load_config(args.config, **{k: parse_value(v) for k, v in overrides.items()})
+    config = api.load_config(args.config)
+    for item in args.set:
+        key, text = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise SystemExit(f"unknown config key {key!r}")
+        try:
+            node[leaf] = parse_value(text)
+        except TypeError:  # a string field given digits ('0'): the text, as launch reads it
+            node[leaf] = text
     task = tasks.load(config.task).build(config, None)
     runs = [time_batches(task.train_data, args.warmup, args.batches) for _ in range(args.repeats)]
     summary = {key: round(statistics.median(r[key] for r in runs), 2) for key in runs[0]}
