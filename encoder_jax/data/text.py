@@ -8,6 +8,7 @@ are whitespace-delimited for alphabetic text and come from jieba for Chinese.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import Iterable, Protocol
@@ -44,13 +45,18 @@ def special_ids(tokenizer: Tokenizer) -> np.ndarray:
                      tokenizer.sep_id, tokenizer.mask_id], np.int32)
 
 
-def jieba_word_starts(text: str) -> list[int]:
-    """Character offsets where jieba starts a word."""
+@functools.cache  # setLogLevel clears every logger's cache: once, not per text
+def _jieba():
     import jieba  # imported lazily: it loads its dictionary on first use
 
     jieba.setLogLevel(logging.WARNING)
+    return jieba
+
+
+def jieba_word_starts(text: str) -> list[int]:
+    """Character offsets where jieba starts a word."""
     starts, offset = [], 0
-    for word in jieba.cut(text):
+    for word in _jieba().cut(text):
         if not word.isspace():
             starts.append(offset)
         offset += len(word)
