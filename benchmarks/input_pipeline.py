@@ -63,7 +63,9 @@ def main() -> None:
     args = parser.parse_args()
     config = api.load_config(args.config)
     for item in args.set:
-        key, text = item.split("=", 1)
+        key, equals, text = item.partition("=")
+        if not equals:
+            parser.error(f"--set {item!r}: expected KEY=VALUE, e.g. data.batch_size=64")
         *parents, leaf = key.split(".")
         node = config
         for part in parents:

@@ -28,9 +28,9 @@ SEQUENCE_KEYS = ("ids", "type_ids")  # int32 (B, L), 0 = padding
 SCALAR_KEYS = ("label",)  # int32 (B,), clipped at 0 (a missing label, -1, reads as 0)
 
 # grain's default (16 threads, 500 elements ahead) suits remote disks. Its iterator polls the
-# ready part of that buffer at every element: for short records already encoded, 10x the CPU
-# of the rest of the input pipeline, CPU that the step needs (benchmarks/input_pipeline.py).
-# Two threads keep tokenizing off the step's path; records already in memory need none.
+# ready part of that buffer at every element, CPU that the step needs: for THUCNews titles,
+# that and tokenizing every epoch cost 10x what encoded records streamed without threads do
+# (benchmarks/input_pipeline.py). Two threads keep tokenizing off the step's path.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 IN_MEMORY_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
