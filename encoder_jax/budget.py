@@ -40,6 +40,20 @@ class Budget:
                                else jnp.zeros_like(learning_rate))
 
 
+def step_cap_warning(budget: Budget | None, step: int, elapsed_s: float) -> str | None:
+    """A warning when `train.num_steps` stopped a timed run before its clock was spent, else None.
+
+    The schedule is read at the elapsed fraction of the budget, so such a run ends with
+    its learning rate not yet decayed.
+    """
+    if budget is None or step < budget.num_steps or elapsed_s >= 0.99 * budget.seconds:
+        return None
+    return (f"train.num_steps={budget.num_steps} was reached after {elapsed_s / 60:.1f} of the "
+            f"{budget.seconds / 60:g} minutes of train.time_budget: the learning-rate schedule "
+            f"stopped at {elapsed_s / budget.seconds:.0%} of its length, before its decay ended; "
+            f"raise train.num_steps to use the whole budget")
+
+
 def from_minutes(minutes: float | None, num_steps: int, peak_lr: float) -> Budget | None:
     return None if minutes is None else Budget(float(minutes) * 60.0, num_steps, peak_lr)
 

@@ -24,6 +24,16 @@ def test_the_schedule_is_read_at_the_elapsed_fraction_of_the_budget():
         np.testing.assert_allclose(float(factor), float(schedule(step)) / 1e-3, rtol=1e-5, atol=1e-9)
 
 
+def test_a_step_cap_that_comes_before_the_clock_is_named_with_the_fraction_used():
+    b = budget_lib.Budget(seconds=600.0, num_steps=100, peak_lr=1e-3)
+    message = budget_lib.step_cap_warning(b, step=100, elapsed_s=240.0)
+    assert "train.num_steps=100" in message and "4.0 of the 10 minutes" in message
+    assert "40%" in message and "train.time_budget" in message
+    assert budget_lib.step_cap_warning(b, step=100, elapsed_s=600.0) is None  # the clock ended it
+    assert budget_lib.step_cap_warning(b, step=60, elapsed_s=240.0) is None  # a sliced run, not done
+    assert budget_lib.step_cap_warning(None, step=100, elapsed_s=240.0) is None
+
+
 def test_the_clock_counts_resumed_time_and_skips_pauses(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(budget_lib, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
