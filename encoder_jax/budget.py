@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 
 import jax.numpy as jnp
@@ -52,6 +53,13 @@ def step_cap_warning(budget: Budget | None, step: int, elapsed_s: float) -> str 
             f"{budget.seconds / 60:g} minutes of train.time_budget: the learning-rate schedule "
             f"stopped at {elapsed_s / budget.seconds:.0%} of its length, before its decay ended; "
             f"raise train.num_steps to use the whole budget")
+
+
+def warn_on_step_cap(budget: Budget | None, step: int, elapsed_s: float) -> None:
+    """Logs `step_cap_warning`'s message when there is one."""
+    message = step_cap_warning(budget, step, elapsed_s)
+    if message:
+        logging.getLogger("encoder_jax").warning(message)
 
 
 def from_minutes(minutes: float | None, num_steps: int, peak_lr: float) -> Budget | None:

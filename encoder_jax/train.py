@@ -320,8 +320,7 @@ def train_steps(config, workdir: str) -> dict[str, Any]:
                 s.checkpointer.save(done, state, s.train_iter, force=done == last)
         logger.flush()
         finished = int(state["step"]) >= num_steps or keeper.stopped or clock.spent()
-        if (capped := budget_lib.step_cap_warning(s.budget, int(state["step"]), clock.elapsed())):
-            log.warning(capped)
+        budget_lib.warn_on_step_cap(s.budget, int(state["step"]), clock.elapsed())
         if finished and not final_eval and task.eval_batches is not None:  # resumed a finished run
             final_eval = evaluate(task, eval_step, state, s.batch_sharding, s.eval_key)
         if finished and trainer.ckpt.average_last > 1:
