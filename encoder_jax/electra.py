@@ -22,7 +22,7 @@ import optax
 from encoder_jax.layers import ACTIVATIONS, EncoderConfig, _kernel_init
 from encoder_jax.models import BertEncoder
 
-SHARED_EMBEDDINGS = ("token_embed", "position_embed", "type_embed", "embed_norm")
+SHARED_EMBEDDINGS = ("token_embed", "position_embed", "type_embed", "bigram_embed", "embed_norm")
 
 
 class ElectraDiscriminator(nn.Module):

@@ -182,6 +182,9 @@ def hf_config(cfg: EncoderConfig, architecture: str) -> dict:
     """A BERT config.json for `cfg` (post-LN only: Hugging Face BERT has no pre-LN variant)."""
     if cfg.pre_norm:
         raise errors.DataError("model.pre_norm=True cannot be exported: Hugging Face BERT is post-LN")
+    if cfg.bigram_buckets:
+        raise errors.DataError(f"model.bigram_buckets={cfg.bigram_buckets} cannot be exported: Hugging "
+                               f"Face BERT has no hashed-bigram embedding")
     if cfg.activation not in EXPORT_ACTIVATIONS:
         raise errors.DataError(f"model.activation={cfg.activation!r} has no Hugging Face BERT "
                                f"equivalent; valid: {sorted(EXPORT_ACTIVATIONS)}")

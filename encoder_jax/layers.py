@@ -51,6 +51,7 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-12
     pre_norm: bool = False  # False: post-LN as in BERT; True: pre-LN + final LayerNorm
     use_pooler: bool = True
+    bigram_buckets: int = 0  # > 0: add a hashed (previous token, token) embedding of this many rows
     init_std: float = 0.02
     remat: bool = False  # rematerialise each block in the backward pass to save memory
     dtype: Dtype = jnp.float32  # compute dtype
@@ -60,6 +61,9 @@ class EncoderConfig:
         if self.hidden_dim % self.num_heads:
             raise errors.ConfigError(
                 f"model.hidden_dim={self.hidden_dim} is not divisible by model.num_heads={self.num_heads}")
+        if self.bigram_buckets < 0:
+            raise errors.ConfigError(f"model.bigram_buckets={self.bigram_buckets}; valid: 0 (off) or a "
+                                     f"positive number of hash buckets")
         if self.activation not in ACTIVATIONS:
             raise errors.ConfigError(f"model.activation={self.activation!r}; valid: {sorted(ACTIVATIONS)}")
 

@@ -35,6 +35,20 @@ def default_segment_ids(ids_BxL: jax.Array, mask_BxL: jax.Array | None,
     return mask_BxL.astype(jnp.int32)
 
 
+def bigram_buckets(ids_BxL: jax.Array, segment_ids_BxL: jax.Array, num_buckets: int) -> jax.Array:
+    """(B, L) int32 in [0, num_buckets): a hash of each (previous token, token) pair.
+
+    A document's first token pairs with a start marker, so packed neighbours do not leak.
+    The hash mixes both ids (murmur3's finaliser) so colliding pairs are spread, not banded.
+    """
+    same_doc_BxL = jnp.pad(segment_ids_BxL[:, 1:] == segment_ids_BxL[:, :-1], ((0, 0), (1, 0)))
+    previous_BxL = jnp.where(same_doc_BxL, jnp.pad(ids_BxL[:, :-1], ((0, 0), (1, 0))) + 1, 0)
+    h = previous_BxL.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) + ids_BxL.astype(jnp.uint32)
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return ((h ^ (h >> 16)) % jnp.uint32(num_buckets)).astype(jnp.int32)
+
+
 class BertEncoder(nn.Module):
     """Embeddings -> N Transformer blocks -> (hidden states, tanh-pooled first token)."""
 
@@ -49,6 +63,8 @@ class BertEncoder(nn.Module):
         self.token_embed = embed(cfg.vocab_size, "token_embed")
         self.position_embed = embed(cfg.max_len, "position_embed")
         self.type_embed = embed(cfg.type_vocab_size, "type_embed") if cfg.type_vocab_size else None
+        # fastText-style hashed bigrams: extra lexical capacity without a larger vocabulary.
+        self.bigram_embed = embed(cfg.bigram_buckets, "bigram_embed") if cfg.bigram_buckets else None
         self.embed_norm = layer_norm(cfg, "embed_norm")
         self.embed_dropout = nn.Dropout(cfg.dropout_rate)
         block = nn.remat(EncoderBlock, static_argnums=(3,)) if cfg.remat else EncoderBlock
@@ -88,6 +104,9 @@ class BertEncoder(nn.Module):
         if self.type_embed is not None:
             type_ids = jnp.zeros_like(ids_BxL) if type_ids is None else type_ids
             x_BxLxD = x_BxLxD + self.type_embed(type_ids)
+        if self.bigram_embed is not None:
+            x_BxLxD = x_BxLxD + self.bigram_embed(
+                bigram_buckets(ids_BxL, segment_ids_BxL, cfg.bigram_buckets))
         x_BxLxD = self.embed_dropout(self.embed_norm(x_BxLxD), deterministic=deterministic)
         mask_Bx1xLxL = attention_mask(segment_ids_BxL)
         for block in self.blocks:

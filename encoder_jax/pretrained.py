@@ -38,7 +38,7 @@ INIT_FIELDS = ("init_from", "init_from_hf")  # config fields naming a pretrained
 RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "remat", "dtype", "param_dtype",
                   "use_pooler")
 SHAPE_FIELDS = ("hidden_dim", "num_layers", "num_heads", "mlp_dim", "max_len", "type_vocab_size",
-                "activation", "layer_norm_eps", "pre_norm")
+                "activation", "layer_norm_eps", "pre_norm", "bigram_buckets")
 
 
 @dataclasses.dataclass(frozen=True)

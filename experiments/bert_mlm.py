@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.layer_norm_eps = 1e-12
     c.model.pre_norm = False  # False: post-LN (BERT); True: pre-LN
     c.model.use_pooler = True
+    c.model.bigram_buckets = 0  # > 0: hashed (previous, current) token-pair embeddings, fastText style
     c.model.init_std = 0.02
     c.model.remat = False  # recompute blocks in the backward pass (less memory, ~30% more FLOPs)
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16

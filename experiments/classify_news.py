@@ -75,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for field, kind in (("num_layers", int), ("hidden_dim", int), ("num_heads", int),
                         ("mlp_dim", int), ("max_len", int), ("type_vocab_size", int),
                         ("activation", str), ("layer_norm_eps", float), ("pre_norm", bool),
-                        ("use_pooler", bool)):
+                        ("use_pooler", bool), ("bigram_buckets", int)):
         setattr(c.model, field, config_dict.placeholder(kind))
     c.model.scratch = ml_collections.ConfigDict(  # shape when training from scratch
         {"num_layers": 1, "hidden_dim": 32, "num_heads": 2, "mlp_dim": 64, "max_len": 64} if smoke

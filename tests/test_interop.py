@@ -253,6 +253,9 @@ def test_export_refuses_what_bert_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="head='classifier'"):
         interop.export_hf(params, dataclasses.replace(config, pre_norm=False),
                           str(tmp_path), head="classifier")
+    with pytest.raises(ValueError, match="model.bigram_buckets=8 cannot be exported"):
+        interop.export_hf(params, dataclasses.replace(config, pre_norm=False, bigram_buckets=8),
+                          str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- WordPiece

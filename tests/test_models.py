@@ -7,11 +7,13 @@ import pytest
 
 from encoder_jax.layers import (EncoderBlock, EncoderConfig, FeedForward, SelfAttention,
                                 attention_mask, layer_norm, residual)
-from encoder_jax.models import BertEncoder, BertForClassification, BertForMaskedLM
+from encoder_jax import errors
+from encoder_jax.models import BertEncoder, BertForClassification, BertForMaskedLM, bigram_buckets
 
 
 CFG = EncoderConfig(vocab_size=97, hidden_dim=32, num_layers=2, num_heads=4, mlp_dim=64,
                     max_len=32, dropout_rate=0.0, attention_dropout_rate=0.0)
+CFG_BIGRAMS = EncoderConfig(**{**CFG.__dict__, "bigram_buckets": 64})
 
 
 def _ids(shape, seed=0):
@@ -53,8 +55,9 @@ def test_padding_does_not_change_real_tokens():
     np.testing.assert_allclose(out_a[1], out_b[1], atol=1e-6)
 
 
-def test_packed_document_does_not_see_its_neighbour():
-    model = BertEncoder(CFG)
+@pytest.mark.parametrize("cfg", [CFG, CFG_BIGRAMS], ids=["plain", "bigrams"])
+def test_packed_document_does_not_see_its_neighbour(cfg):
+    model = BertEncoder(cfg)
     ids = _ids((1, 12))
     segments = jnp.array([[1] * 5 + [2] * 4 + [3] * 3])
     positions = jnp.array([list(range(5)) + list(range(4)) + list(range(3))])
@@ -68,8 +71,9 @@ def test_packed_document_does_not_see_its_neighbour():
     assert not np.allclose(out_a[0, 5:9], out_b[0, 5:9])
 
 
-def test_packed_row_equals_separate_rows():
-    model = BertEncoder(CFG)
+@pytest.mark.parametrize("cfg", [CFG, CFG_BIGRAMS], ids=["plain", "bigrams"])
+def test_packed_row_equals_separate_rows(cfg):
+    model = BertEncoder(cfg)
     doc_a, doc_b = _ids((1, 5), 1), _ids((1, 4), 2)
     params = _init(model, doc_a)
     packed = jnp.concatenate([doc_a, doc_b], axis=1)
@@ -80,6 +84,37 @@ def test_packed_row_equals_separate_rows():
     alone_b, _ = model.apply({"params": params}, doc_b)
     np.testing.assert_allclose(out[0, :5], alone_a[0], atol=1e-5)
     np.testing.assert_allclose(out[0, 5:], alone_b[0], atol=1e-5)
+
+
+def test_bigram_buckets_restart_at_each_document_and_spread_pairs():
+    packed = bigram_buckets(jnp.array([[5, 6, 7, 8, 0]]), jnp.array([[1, 1, 2, 2, 0]]), 1000)
+    alone = bigram_buckets(jnp.array([[7, 8]]), jnp.array([[1, 1]]), 1000)
+    np.testing.assert_array_equal(packed[0, 2:4], alone[0])
+    assert packed[0, 1] != alone[0, 1]  # (5, 6) vs (7, 8)
+    previous, current = np.meshgrid(np.arange(50), np.arange(50))
+    pairs = jnp.asarray(np.stack([previous.ravel(), current.ravel()], 1))
+    buckets = np.asarray(bigram_buckets(pairs, jnp.ones_like(pairs), 4096)[:, 1])
+    assert buckets.min() >= 0 and buckets.max() < 4096
+    # 2,500 random pairs in 4,096 buckets fill about 4096 * (1 - exp(-2500 / 4096)) = 1,873.
+    assert len(set(buckets.tolist())) > 1750
+
+
+def test_bigram_embedding_makes_the_encoder_see_token_order_at_the_input():
+    model = BertEncoder(CFG_BIGRAMS)
+    ids = _ids((1, 6))
+    params = _init(model, ids)
+    assert params["bigram_embed"]["embedding"].shape == (64, 32)
+    with_bigrams, _ = model.apply({"params": params}, ids)
+    params["bigram_embed"]["embedding"] = jnp.zeros((64, 32))
+    plain, _ = BertEncoder(CFG).apply({"params": {k: v for k, v in params.items() if k != "bigram_embed"}},
+                                      ids)
+    np.testing.assert_allclose(model.apply({"params": params}, ids)[0], plain, atol=1e-6)
+    assert not np.allclose(with_bigrams, plain, atol=1e-3)
+
+
+def test_negative_bigram_buckets_is_a_one_line_error_naming_the_field():
+    with pytest.raises(errors.ConfigError, match="model.bigram_buckets=-1"):
+        EncoderConfig(**{**CFG.__dict__, "bigram_buckets": -1})
 
 
 def test_mlm_head_is_tied_to_token_embeddings():

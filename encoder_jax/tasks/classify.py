@@ -37,7 +37,7 @@ from encoder_jax.tasks.base import Task, stateless
 log = logging.getLogger("encoder_jax")
 
 ARCH_FIELDS = ("hidden_dim", "num_layers", "num_heads", "mlp_dim", "max_len", "type_vocab_size",
-               "activation", "layer_norm_eps", "pre_norm", "use_pooler")
+               "activation", "layer_norm_eps", "pre_norm", "use_pooler", "bigram_buckets")
 TASK_MODEL_FIELDS = ("pooling", "scratch")  # config.model keys that are not the encoder's
 
 
