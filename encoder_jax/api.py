@@ -53,7 +53,7 @@ class Pretrained:
 def build_model(task: str, encoder: EncoderConfig, fields: dict[str, Any]):
     """The flax module of a run's task from its model record."""
     if task == "classify":
-        return BertForClassification(encoder, fields["num_classes"], fields.get("pooling", "first"))
+        return BertForClassification(encoder, **fields)
     if task == "translate":
         seq2seq = {k: v for k, v in fields.items() if k != "joint_tokenizer"}
         return EncoderDecoder(Seq2SeqConfig(encoder=encoder, **seq2seq))

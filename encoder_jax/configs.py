@@ -195,6 +195,8 @@ class FinetuneConfig:
     augment_delete: float = 0.0  # token deletion probability (training only)
     augment_mask: float = 0.0  # [MASK] replacement probability
     reinit_top_layers: int = 0  # pretrained runs: fresh weights for the top K blocks and the pooler
+    wide_lr_scale: float = 100.0  # learning-rate factor of the wide n-gram tables (model.wide_buckets)
+    wide_loss: str = "joint"  # joint: one loss on deep + wide logits | separate: one loss per part
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +310,7 @@ MINIMUMS: dict[type, dict[str, float]] = {
     ClassifyDataConfig: {"batch_size": 1, "max_len": 3, "length_group": 1, "workers": 0,
                          "prefetch": 1, "max_train_examples": 1, "num_classes": 2},
     FinetuneConfig: {"label_smoothing": 0.0, "augment_delete": 0.0, "augment_mask": 0.0,
-                     "reinit_top_layers": 0},
+                     "reinit_top_layers": 0, "wide_lr_scale": 0.0},
     MaskedLmConfig: {"generator_layers": 1, "rtd_weight": 0.0, "ppmi_window": 1, "ppmi_docs": 1,
                      "ppmi_std": 1e-6},
     TranslationDataConfig: {"max_len": 3, "max_tokens": 1, "batch_multiple": 1, "window": 1,
@@ -346,7 +348,7 @@ CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
     OptConfig: {"schedule": ("constant", "linear", "cosine", "rsqrt")},
     MaskedLmConfig: {"objective": ("mlm", "electra"), "embedding_init": ("random", "ppmi")},
     BaselineConfig: {"features": ("auto", "word", "char"), "model": ("svm", "logreg")},
-    EvalConfig: {"best_mode": ("auto", "max", "min")},
+    EvalConfig: {"best_mode": ("auto", "max", "min")}, FinetuneConfig: {"wide_loss": ("joint", "separate")},
     TopicsConfig: {"covariance": ("full", "diag", "spherical"), "pooling": ("cls", "mean"),
                    "normalize": ("none", "l2", "whiten"), "prior": ("normal", "mixture")},
 }
@@ -361,10 +363,6 @@ def check_minimums(cls: type, value: Any, name: str) -> None:
     for field, choices in CHOICES.get(cls, {}).items():
         if getattr(value, field) not in choices:
             raise errors.ConfigError(f"{name}.{field}={getattr(value, field)!r}; valid: {list(choices)}")
-
-
-def field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def word_segmenter(config) -> str:

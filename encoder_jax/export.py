@@ -31,8 +31,7 @@ FILL_MASK_TOP_K = 20  # candidates per [MASK] the exported fill_mask returns
 
 def classify_function(record: workdir_lib.ModelRecord) -> Callable[..., jax.Array]:
     """(params, ids_BxL, segment_ids_BxL, type_ids_BxL) -> float32 probabilities (B, C)."""
-    model = BertForClassification(record.encoder, record.fields["num_classes"],
-                                  record.fields["pooling"])
+    model = BertForClassification(record.encoder, **record.fields)
 
     def classify(params, ids_BxL, segment_ids_BxL, type_ids_BxL):
         logits_BxC = model.apply({"params": params}, ids_BxL, segment_ids=segment_ids_BxL,

@@ -379,6 +379,9 @@ def to_hf(params: Params, cfg: EncoderConfig, head: str, label_names: list[str] 
     else:
         if "classifier" not in params:
             raise errors.DataError("export head='classifier' needs params['classifier']")
+        if "wide_unigram" in params:
+            raise errors.DataError("export head='classifier': the wide n-gram part "
+                                   "(model.wide_buckets) has no Hugging Face counterpart")
         num_labels = np.shape(params["classifier"]["bias"])[0]
         tensors.update({e.name: to_theirs(e.kind, _get(params["classifier"], e.path))
                         for e in classifier_entries(cfg, num_labels)})

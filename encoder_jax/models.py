@@ -153,16 +153,26 @@ class BertForMaskedLM(nn.Module):
 
 
 class BertForClassification(nn.Module):
-    """Encoder + dropout + linear classifier over the pooled first token or the token mean."""
+    """Encoder + dropout + linear classifier over the pooled first token or the token mean.
+
+    With `wide_buckets` > 0 the logits also get a linear model over the row's tokens and
+    hashed token bigrams (Wide & Deep, Cheng et al. 2016): the sparse n-gram evidence that
+    a TF-IDF linear classifier uses, trained jointly with the encoder.
+    """
 
     config: EncoderConfig
     num_classes: int
     pooling: str = "first"  # "first": BERT's tanh pooler on [CLS]; "mean": mean of real tokens
+    wide_buckets: int = 0  # hashed bigram rows of the wide part; 0: no wide part
 
     @nn.compact
     def __call__(self, ids_BxL: jax.Array, *, segment_ids=None, mask=None, type_ids=None,
-                 positions=None, deterministic: bool = True) -> jax.Array:
-        """Returns float32 class logits (B, C)."""
+                 positions=None, deterministic: bool = True, return_parts: bool = False):
+        """Returns float32 class logits (B, C): the deep part's plus the wide part's.
+
+        With `return_parts`, the two (B, C) parts (deep, wide) instead of their sum
+        (wide is zeros without a wide part); `finetune.wide_loss=separate` trains each alone.
+        """
         cfg = self.config
         if self.pooling not in ("first", "mean"):
             raise errors.ConfigError(f"pooling={self.pooling!r}; valid: ['first', 'mean']")
@@ -177,4 +187,21 @@ class BertForClassification(nn.Module):
         pooled_BxD = nn.Dropout(cfg.dropout_rate)(pooled_BxD, deterministic=deterministic)
         logits_BxC = nn.Dense(self.num_classes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               kernel_init=_kernel_init(cfg), name="classifier")(pooled_BxD)
-        return logits_BxC.astype(jnp.float32)
+        deep_BxC = logits_BxC.astype(jnp.float32)
+        wide_BxC = (self.wide_logits(ids_BxL, default_segment_ids(ids_BxL, mask, segment_ids))
+                    if self.wide_buckets else jnp.zeros_like(deep_BxC))
+        return (deep_BxC, wide_BxC) if return_parts else deep_BxC + wide_BxC
+
+    def wide_logits(self, ids_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+        """(B, C) float32: summed unigram and hashed-bigram weights of real tokens / sqrt(count).
+
+        Zero-initialised, so a fresh wide part leaves the encoder's logits unchanged.
+        """
+        table = lambda rows, name: nn.Embed(rows, self.num_classes, param_dtype=jnp.float32,
+                                            embedding_init=nn.initializers.zeros, name=name)
+        unigram_BxLxC = table(self.config.vocab_size, "wide_unigram")(ids_BxL)
+        bigram_BxLxC = table(self.wide_buckets, "wide_bigram")(
+            bigram_buckets(ids_BxL, segment_ids_BxL, self.wide_buckets))
+        real_BxLx1 = (segment_ids_BxL > 0)[..., None].astype(jnp.float32)
+        count_Bx1 = jnp.maximum(real_BxLx1.sum(1), 1.0)
+        return ((unigram_BxLxC + bigram_BxLxC) * real_BxLx1).sum(1) / jnp.sqrt(count_Bx1)

@@ -6,6 +6,7 @@ import re
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -122,6 +123,20 @@ def layer_lr_decay_scale(decay: float, num_layers: int) -> Callable[[tuple[str, 
         return float(decay ** (num_layers + 1 - depth))
 
     return scale
+
+
+def prefix_lr_scale(prefix: str, factor: float) -> Callable[[tuple[str, ...]], float]:
+    """path -> `factor` for top-level parameters named `prefix...`, else 1."""
+    return lambda path: factor if path and path[0].startswith(prefix) else 1.0
+
+
+def product_of_scales(*scales: Callable[[tuple[str, ...]], float] | None
+                      ) -> Callable[[tuple[str, ...]], float] | None:
+    """The per-path product of the given learning-rate factors (None ones skipped; all None: None)."""
+    given = [s for s in scales if s is not None]
+    if not given:
+        return None
+    return lambda path: float(np.prod([s(path) for s in given]))
 
 
 def scale_by_path(scale: Callable[[tuple[str, ...]], float]) -> optax.GradientTransformation:

@@ -81,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {"num_layers": 1, "hidden_dim": 32, "num_heads": 2, "mlp_dim": 64, "max_len": 64} if smoke
         else {"num_layers": 2, "hidden_dim": 128, "num_heads": 2, "mlp_dim": 512, "max_len": 512})
     c.model.pooling = "first"  # first: tanh pooler on [CLS] | mean: mean of real tokens
+    c.model.wide_buckets = 0  # >0: add a linear model over tokens + this many hashed bigram rows (Wide & Deep)
     c.model.dropout_rate = 0.1  # also the classifier-head dropout
     c.model.attention_dropout_rate = 0.1
     c.model.init_std = 0.02
@@ -131,6 +132,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.finetune.augment_delete = 0.0  # probability of deleting each token (training only)
     c.finetune.augment_mask = 0.0  # probability of replacing each token by [MASK]
     c.finetune.reinit_top_layers = 0  # init_from(_hf): fresh top K blocks + pooler (small data)
+    c.finetune.wide_lr_scale = 100.0  # LR factor of the wide n-gram tables (model.wide_buckets > 0)
+    c.finetune.wide_loss = "joint"  # joint: one loss on deep + wide logits | separate: one loss per part
 
     c.opt = ml_collections.ConfigDict()
     c.opt.name = "adamw"  # sgd | momentum | nesterov | adam | adamw | rmsprop | adagrad | adafactor | lamb | lion
@@ -158,6 +161,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every_steps = 2 if smoke else 500
     c.ckpt.keep = 2
+    c.ckpt.average_last = 0  # at the end, average the last N checkpoints' params (<= keep); 0: off
     c.ckpt.use_async = not smoke
 
     c.eval = ml_collections.ConfigDict()

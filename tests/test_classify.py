@@ -113,6 +113,43 @@ def test_head_gives_batch_by_classes_logits_for_single_texts_and_pairs(pooling):
     other = model.apply({"params": params}, ids_BxL, segment_ids=segment_ids_BxL)
     assert np.allclose(logits_BxC[0], other[0]) and not np.allclose(logits_BxC[1], other[1])
 
+def test_wide_part_starts_silent_ignores_padding_and_learns_only_seen_ngrams():
+    cfg = EncoderConfig(vocab_size=50, hidden_dim=16, num_layers=1, num_heads=2, mlp_dim=32, max_len=16)
+    wide, deep = BertForClassification(cfg, 3, wide_buckets=64), BertForClassification(cfg, 3)
+    ids_BxL = jnp.array([[2, 7, 8, 3, 0, 0], [2, 9, 10, 11, 12, 3]], jnp.int32)
+    params = wide.init(jax.random.key(0), ids_BxL)["params"]
+    assert params["wide_unigram"]["embedding"].shape == (50, 3)
+    assert params["wide_bigram"]["embedding"].shape == (64, 3)
+    deep_params = {k: v for k, v in params.items() if not k.startswith("wide_")}
+    # Zero-initialised: a fresh wide part leaves the encoder's logits exactly as they were.
+    assert np.array_equal(wide.apply({"params": params}, ids_BxL),
+                          deep.apply({"params": deep_params}, ids_BxL))
+    trained = jax.tree.map(lambda x: x, params)
+    trained["wide_unigram"]["embedding"] = jax.random.normal(jax.random.key(1), (50, 3))
+    trained["wide_bigram"]["embedding"] = jax.random.normal(jax.random.key(2), (64, 3))
+    padded = jnp.pad(ids_BxL, ((0, 0), (0, 4)))
+    apply = lambda p, ids: wide.apply({"params": p}, ids, segment_ids=(ids > 0).astype(jnp.int32))
+    assert np.allclose(apply(trained, ids_BxL), apply(trained, padded), atol=1e-5)
+    # Gradients reach only the rows of n-grams the batch holds (padding's id 0 is never one).
+    grads = jax.grad(lambda p: apply(p, ids_BxL).sum())(params)
+    touched_unigrams = set(np.flatnonzero(np.abs(grads["wide_unigram"]["embedding"]).sum(1)))
+    assert touched_unigrams == {2, 3, 7, 8, 9, 10, 11, 12}
+    touched_bigrams = np.flatnonzero(np.abs(grads["wide_bigram"]["embedding"]).sum(1))
+    assert 1 <= len(touched_bigrams) <= 10  # 4 + 6 (previous, token) pairs, some may collide
+
+
+def test_wide_buckets_is_recorded_and_a_negative_count_names_the_field():
+    cfg = EncoderConfig(vocab_size=50, hidden_dim=16, num_layers=1, num_heads=2, mlp_dim=32, max_len=16)
+    model_cfg = classify_news.get_config("smoke").model
+    model_cfg.wide_buckets = 32
+    record = classify.model_record(cfg, 4, model_cfg)
+    assert classify.build_model(record).wide_buckets == 32
+    old = workdir_lib.ModelRecord("classify", cfg, {"num_classes": 4, "pooling": "mean"})
+    assert classify.build_model(old).wide_buckets == 0  # records written before the field
+    model_cfg.wide_buckets = -1
+    with pytest.raises(errors.ConfigError, match=r"^model\.wide_buckets=-1; valid"):
+        classify.model_record(cfg, 4, model_cfg)
+
 
 def test_encoding_pairs_types_and_longest_first_truncation(news, data_cache):
     tokenizer = tokenizer_for(news, data_cache)
@@ -305,6 +342,25 @@ def params_and_grads(news, data_cache):
     return params, grad_fn(params, next(iter(task.train_data)))
 
 
+@pytest.mark.parametrize("wide_loss", ["joint", "separate"])
+def test_separate_wide_loss_trains_each_part_alone(news, data_cache, wide_loss):
+    task = build(news_config(news, data_cache, **{"model.wide_buckets": 64,
+                                                  "finetune.wide_loss": wide_loss}))
+    batch = next(iter(task.train_data))
+    grad = jax.jit(jax.grad(lambda p: task.loss_fn(p, None, batch, jax.random.key(1), 0, True)[0]))
+    params = task.init_params(jax.random.key(0))
+    params["wide_bigram"]["embedding"] = jnp.full_like(params["wide_bigram"]["embedding"], 0.3)
+    other = jax.tree.map(lambda x: x, params)
+    other["classifier"]["kernel"] = params["classifier"]["kernel"] * 50.0  # another deep part
+    wide_grad, wide_grad_other = grad(params)["wide_unigram"], grad(other)["wide_unigram"]
+    assert np.abs(wide_grad["embedding"]).sum() > 0
+    # Separate: the wide part's gradient does not see the deep part; joint: it does.
+    same = np.allclose(wide_grad["embedding"], wide_grad_other["embedding"], atol=1e-6)
+    assert same == (wide_loss == "separate")
+    with pytest.raises(errors.ConfigError, match=r"finetune\.wide_loss='sum'; valid: \['joint'"):
+        build(news_config(news, data_cache, **{"finetune.wide_loss": "sum"}))
+
+
 @pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop"])
 def test_each_optimizer_updates_every_parameter(news, data_cache, params_and_grads, name):
     params, grads = params_and_grads
@@ -337,6 +393,15 @@ def test_layer_lr_decay_scales_updates_by_depth(params_and_grads, news, data_cac
     assert np.allclose(updates["encoder"]["block_0"]["mlp"]["wi"]["kernel"], -0.05)
     assert np.allclose(updates["classifier"]["kernel"], -0.1)
     assert not np.asarray(updates["encoder"]["token_embed"]["embedding"]).any()
+
+
+def test_wide_tables_get_their_own_learning_rate_factor_on_top_of_layer_decay():
+    scale = optim.product_of_scales(optim.layer_lr_decay_scale(0.5, num_layers=2), None,
+                                    optim.prefix_lr_scale("wide_", 100.0))
+    assert scale(("wide_bigram", "embedding")) == 100.0
+    assert scale(("encoder", "block_0", "mlp", "wi", "kernel")) == 0.25
+    assert scale(("encoder", "wide_x", "embedding")) == 0.125  # only top-level names match
+    assert optim.product_of_scales(None, None) is None
 
 
 # ----------------------------------------------------------------------------- whole runs

@@ -256,6 +256,11 @@ def test_export_refuses_what_bert_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="model.bigram_buckets=8 cannot be exported"):
         interop.export_hf(params, dataclasses.replace(config, pre_norm=False, bigram_buckets=8),
                           str(tmp_path))
+    post_norm = dataclasses.replace(config, pre_norm=False)
+    wide = BertForClassification(post_norm, 3, wide_buckets=8).init(
+        jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    with pytest.raises(ValueError, match="wide n-gram part"):
+        interop.export_hf(wide, post_norm, str(tmp_path), head="classifier")
 
 
 # ----------------------------------------------------------------------------- WordPiece

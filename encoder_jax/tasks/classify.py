@@ -38,7 +38,7 @@ log = logging.getLogger("encoder_jax")
 
 ARCH_FIELDS = ("hidden_dim", "num_layers", "num_heads", "mlp_dim", "max_len", "type_vocab_size",
                "activation", "layer_norm_eps", "pre_norm", "use_pooler", "bigram_buckets")
-TASK_MODEL_FIELDS = ("pooling", "scratch")  # config.model keys that are not the encoder's
+TASK_MODEL_FIELDS = ("pooling", "wide_buckets", "scratch")  # config.model keys that are not the encoder's
 
 
 # ----------------------------------------------------------------------------- model shape
@@ -58,14 +58,18 @@ def architecture(model_cfg, recorded: dict[str, Any] | None, recorded_from: str)
     return {f: recorded[f] for f in ARCH_FIELDS}
 
 
-def model_record(cfg: EncoderConfig, num_classes: int, pooling: str) -> workdir_lib.ModelRecord:
-    """What predict needs to rebuild the model: EncoderConfig, classes, pooling."""
-    return workdir_lib.ModelRecord("classify", cfg, {"num_classes": num_classes, "pooling": pooling})
+def model_record(cfg: EncoderConfig, num_classes: int, model_cfg) -> workdir_lib.ModelRecord:
+    """What predict needs to rebuild the model: EncoderConfig, classes, the head's fields."""
+    wide_buckets = model_cfg.get("wide_buckets") or 0
+    if wide_buckets < 0:
+        raise errors.ConfigError(f"model.wide_buckets={wide_buckets}; valid: 0 (off) or a bucket count")
+    return workdir_lib.ModelRecord("classify", cfg, {
+        "num_classes": num_classes, "pooling": model_cfg.pooling, "wide_buckets": wide_buckets})
 
 
 def build_model(record: workdir_lib.ModelRecord) -> BertForClassification:
-    """BertForClassification from a run's model record."""
-    return BertForClassification(record.encoder, record.fields["num_classes"], record.fields["pooling"])
+    """BertForClassification from a run's model record (records before `wide_buckets` have none)."""
+    return BertForClassification(record.encoder, **record.fields)
 
 
 # ----------------------------------------------------------------------------- loss and augmentation
@@ -100,11 +104,6 @@ def augment_tokens(key: jax.Array, batch: dict[str, jax.Array], *, delete_rate: 
         masked_BxL = regular_BxL & (jax.random.uniform(mask_key, ids_BxL.shape) < mask_rate)
         ids_BxL = jnp.where(masked_BxL, mask_id, ids_BxL)
     return {**batch, "ids": ids_BxL, "type_ids": types_BxL, "segment_ids": seg_BxL}
-
-
-def summarize(sums: dict[str, Any]) -> dict[str, float]:
-    """Train-window sums -> means."""
-    return metrics.means(sums)
 
 
 # ----------------------------------------------------------------------------- data selection
@@ -231,20 +230,23 @@ def model_functions(model: BertForClassification, ft: configs.FinetuneConfig, to
     def init_params(rng):
         return model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
 
-    def forward(params, batch, rng, train):
+    def forward(params, batch, rng, train, return_parts=False):
         return model.apply({"params": params}, batch["ids"], segment_ids=batch["segment_ids"],
                            type_ids=batch["type_ids"], deterministic=not train,
-                           rngs={"dropout": rng})
+                           rngs={"dropout": rng}, return_parts=return_parts)
 
     def loss(params, batch, rng, train):
-        dropout_rng, augment_rng = jax.random.split(rng)
+        (dropout_rng, augment_rng), smoothing = jax.random.split(rng), ft.label_smoothing if train else 0.0
         if train and (ft.augment_delete > 0 or ft.augment_mask > 0):
             batch = augment_tokens(augment_rng, batch, delete_rate=ft.augment_delete,
                                    mask_rate=ft.augment_mask, mask_id=tokenizer.mask_id,
                                    special_ids=specials)
-        logits_BxC = forward(params, batch, dropout_rng, train)
-        return classification_loss(logits_BxC, batch["label"], batch["weight"],
-                                   ft.label_smoothing if train else 0.0)
+        xent = lambda z_BxC: classification_loss(z_BxC, batch["label"], batch["weight"], smoothing)
+        if not (train and model.wide_buckets and ft.wide_loss == "separate"):
+            return xent(forward(params, batch, dropout_rng, train))
+        # Each part learns to classify alone (no co-adaptation); predictions use their sum.
+        deep_BxC, wide_BxC = forward(params, batch, dropout_rng, train, return_parts=True)
+        return xent(deep_BxC)[0] + xent(wide_BxC)[0], xent(deep_BxC + wide_BxC)[1]
 
     def eval_fn(params, model_state, batch, rng):
         del model_state
@@ -302,7 +304,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     full_train, train_source, eval_source, labels = load_data(
         data_cfg, configs.section(configs.CvConfig, config.get("cv"), "cv"), cache_dir)
     tokenizer, model_cfg, pretrained = tokenizer_and_encoder(config, workdir, full_train, cache_dir)
-    pooling = config.model.pooling
+    record = model_record(model_cfg, labels.num_classes, config.model)
     encoding = encoding_config(data_cfg, len(data_lib.split_fields(data_cfg.text_fields,
                                                                    "data.text_fields")))
     check_shape(encoding, model_cfg)
@@ -311,8 +313,8 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         if pretrained is not None:
             tokenizer.save(workdir)
         workdir_lib.record_label_space(workdir, labels)
-        workdir_lib.write_model_record(workdir, model_record(model_cfg, labels.num_classes, pooling))
-    model = BertForClassification(model_cfg, labels.num_classes, pooling)
+        workdir_lib.write_model_record(workdir, record)
+    model = build_model(record)
     train_data = data_lib.train_dataset(
         train_source, tokenizer, labels, encoding, global_batch=data_cfg.batch_size,
         seed=config.seed, group=data_cfg.length_group, shard_index=shard_index,
@@ -324,16 +326,17 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         grafted = pretrained_lib.graft_encoder(params, pretrained or pretrained_lib.resolve(config))
         return pretrained_lib.reinit_top_blocks(grafted, params, ft.reinit_top_layers)
 
-    decay = ft.layer_lr_decay
+    decay, wide = ft.layer_lr_decay, record.fields["wide_buckets"] and ft.wide_lr_scale != 1.0
     return Task(
         name="classify", init_params=init_params, loss_fn=stateless(loss), train_data=train_data,
         example_batch=data_lib.example_batch(data_cfg.batch_size // shard_count, encoding.max_len),
-        summarize=summarize, tokens_in_batch=lambda b: int((b["segment_ids"] > 0).sum()),
+        summarize=metrics.means, tokens_in_batch=lambda b: int((b["segment_ids"] > 0).sum()),
         trainable=None if ft.trainable == "all" else (
             lambda p: optim.trainable_mask(p, ft.trainable)),
         init_from=init_from if wants_pretrained else None, eval_fn=eval_fn,
-        lr_scale=optim.layer_lr_decay_scale(decay, model_cfg.num_layers) if decay and decay != 1.0
-        else None,
+        lr_scale=optim.product_of_scales(
+            optim.layer_lr_decay_scale(decay, model_cfg.num_layers) if decay and decay != 1.0 else None,
+            optim.prefix_lr_scale("wide_", ft.wide_lr_scale) if wide else None),
         batch_rows={"data.batch_size": data_cfg.batch_size // shard_count,
                     "eval.batch_size": (eval_cfg.batch_size or data_cfg.batch_size) // shard_count},
         **evaluation_hooks(workdir, eval_source, tokenizer, labels, encoding,
@@ -343,22 +346,19 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
 # ----------------------------------------------------------------------------- baseline
 
 
-def texts_and_label_ids(source, labels: labels_lib.LabelSpace, data_cfg: configs.ClassifyDataConfig
-                        ) -> tuple[list[str], np.ndarray]:
-    """Each record's text fields joined by `data.join_separator`, and its class id."""
-    keys = labels_lib.text_keys(len(data_lib.split_fields(data_cfg.text_fields, "data.text_fields")))
-    records = [source[i] for i in range(len(source))]
-    texts = [data_cfg.join_separator.join(str(r[k]) for k in keys) for r in records]
-    return texts, labels_lib.encode_labels(labels, [r["label"] for r in records], source.name)
-
-
 def baseline(config, workdir: str) -> dict[str, Any]:
     """--mode baseline: TF-IDF + linear model on the rows a fine-tuning run with `config` uses."""
     data_cfg = configs.section(configs.ClassifyDataConfig, config.data, "data")
     cv = configs.section(configs.CvConfig, config.get("cv"), "cv")
     _, train_source, eval_source, labels = load_data(data_cfg, cv, data_cfg.data_dir or sources.default_data_dir())
-    (train_x, train_y), (eval_x, eval_y) = (texts_and_label_ids(source, labels, data_cfg)
-                                            for source in (train_source, eval_source))
+    keys = labels_lib.text_keys(len(data_lib.split_fields(data_cfg.text_fields, "data.text_fields")))
+
+    def texts_and_label_ids(source) -> tuple[list[str], np.ndarray]:  # joined text fields, class ids
+        records = [source[i] for i in range(len(source))]
+        return ([data_cfg.join_separator.join(str(r[k]) for k in keys) for r in records],
+                labels_lib.encode_labels(labels, [r["label"] for r in records], source.name))
+
+    (train_x, train_y), (eval_x, eval_y) = map(texts_and_label_ids, (train_source, eval_source))
     report, probs = baselines.fit_and_evaluate(train_x, train_y, eval_x, eval_y, labels.names,
                                                config.get("baseline"))
     metrics.write_report(report, eval_y, probs, workdir_lib.path(workdir, workdir_lib.BASELINE_DIR),

@@ -70,7 +70,7 @@ def side_texts(train_source, *fields: str):
 def side_config(tok_cfg: configs.TranslationTokenizerConfig) -> configs.TokenizerConfig:
     """The plain tokenizer section of one side (what `get_tokenizer` reads)."""
     return configs.TokenizerConfig(**{k: getattr(tok_cfg, k)
-                                      for k in configs.field_names(configs.TokenizerConfig)})
+                                      for k in configs.field_types(configs.TokenizerConfig)})
 
 
 def target_tokenizer(tok_cfg, base, workdir, train_source, cache_dir, texts):
