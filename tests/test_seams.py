@@ -18,6 +18,7 @@ from encoder_jax import checkpoint, configs, pretrained, tasks, train
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data.labels import LabelSpace
 from encoder_jax.layers import EncoderConfig
+from encoder_jax.tasks import classify
 
 from conftest import ROOT
 import toy_state_task
@@ -50,7 +51,7 @@ def test_every_experiment_section_reads_into_its_dataclass(name, variant):
             read[section] = configs.section(kind, config[section], section)
     assert read["opt"].learning_rate == config.opt.learning_rate
     assert read["data"].batch_size == config.data.batch_size
-    ignore = ("pooling", "scratch") if config.task == "classify" else ()
+    ignore = classify.TASK_MODEL_FIELDS if config.task == "classify" else ()
     scratch = config.model.get("scratch")
     encoder = EncoderConfig.from_config(config.model, 100, ignore=ignore,
                                         **(scratch.to_dict() if scratch else {}))
