@@ -9,6 +9,7 @@ import random
 import sys
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -138,17 +139,24 @@ def test_wide_part_starts_silent_ignores_padding_and_learns_only_seen_ngrams():
     assert 1 <= len(touched_bigrams) <= 10  # 4 + 6 (previous, token) pairs, some may collide
 
 
-def test_wide_buckets_is_recorded_and_a_negative_count_names_the_field():
+def test_wide_buckets_is_recorded_and_a_negative_count_names_the_field(tmp_path):
     cfg = EncoderConfig(vocab_size=50, hidden_dim=16, num_layers=1, num_heads=2, mlp_dim=32, max_len=16)
     model_cfg = classify_news.get_config("smoke").model
     model_cfg.wide_buckets = 32
     record = classify.model_record(cfg, 4, model_cfg)
     assert classify.build_model(record).wide_buckets == 32
+    workdir_lib.write_model_record(str(tmp_path), record)  # a run to resume: same wide part only
+    assert classify.model_record(cfg, 4, model_cfg, str(tmp_path)).fields["wide_buckets"] == 32
+    model_cfg.wide_buckets = 64
+    with pytest.raises(errors.ConfigError, match=r"wide_buckets=64; .* and 32 to resume"):
+        classify.model_record(cfg, 4, model_cfg, str(tmp_path))
     old = workdir_lib.ModelRecord("classify", cfg, {"num_classes": 4, "pooling": "mean"})
     assert classify.build_model(old).wide_buckets == 0  # records written before the field
     model_cfg.wide_buckets = -1
     with pytest.raises(errors.ConfigError, match=r"^model\.wide_buckets=-1; valid"):
         classify.model_record(cfg, 4, model_cfg)
+    with pytest.raises(TypeError, match=r"^model\.wide_buckets='many' must be int"):
+        classify.model_record(cfg, 4, ml_collections.ConfigDict({"pooling": "first", "wide_buckets": "many"}))
 
 
 def test_encoding_pairs_types_and_longest_first_truncation(news, data_cache):

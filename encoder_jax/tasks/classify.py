@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from encoder_jax import baselines, configs, errors, metrics, optim, pretrained as pretrained_lib
+from encoder_jax import baselines, config_types, configs, errors, metrics, optim, pretrained as pretrained_lib
 from encoder_jax import reporting
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, classification as data_lib, labels as labels_lib
@@ -58,11 +58,13 @@ def architecture(model_cfg, recorded: dict[str, Any] | None, recorded_from: str)
     return {f: recorded[f] for f in ARCH_FIELDS}
 
 
-def model_record(cfg: EncoderConfig, num_classes: int, model_cfg) -> workdir_lib.ModelRecord:
-    """What predict needs to rebuild the model: EncoderConfig, classes, the head's fields."""
-    wide_buckets = model_cfg.get("wide_buckets") or 0
-    if wide_buckets < 0:
-        raise errors.ConfigError(f"model.wide_buckets={wide_buckets}; valid: 0 (off) or a bucket count")
+def model_record(cfg: EncoderConfig, num_classes: int, model_cfg, workdir=None) -> workdir_lib.ModelRecord:
+    """What predict needs to rebuild the model; on resume the wide part must match `workdir`'s."""
+    wide_buckets = config_types.check_type("model.wide_buckets", model_cfg.get("wide_buckets") or 0, int)
+    recorded = workdir_lib.read_model_record(workdir) if workdir else None
+    resumed = f", and {recorded.fields.get('wide_buckets', 0)} to resume {workdir}" if recorded else ""
+    if wide_buckets < 0 or (recorded and recorded.fields.get("wide_buckets", 0) != wide_buckets):
+        raise errors.ConfigError(f"model.wide_buckets={wide_buckets}; valid: 0 (off) or a bucket count{resumed}")
     return workdir_lib.ModelRecord("classify", cfg, {
         "num_classes": num_classes, "pooling": model_cfg.pooling, "wide_buckets": wide_buckets})
 
@@ -304,9 +306,8 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
     full_train, train_source, eval_source, labels = load_data(
         data_cfg, configs.section(configs.CvConfig, config.get("cv"), "cv"), cache_dir)
     tokenizer, model_cfg, pretrained = tokenizer_and_encoder(config, workdir, full_train, cache_dir)
-    record = model_record(model_cfg, labels.num_classes, config.model)
-    encoding = encoding_config(data_cfg, len(data_lib.split_fields(data_cfg.text_fields,
-                                                                   "data.text_fields")))
+    record = model_record(model_cfg, labels.num_classes, config.model, workdir)
+    encoding = encoding_config(data_cfg, len(data_lib.split_fields(data_cfg.text_fields, "data.text_fields")))
     check_shape(encoding, model_cfg)
     if workdir and shard_index == 0:
         os.makedirs(workdir, exist_ok=True)
@@ -379,8 +380,7 @@ def predict(config, run: workdir_lib.TrainedRun) -> str:
     pred_cfg = configs.section(configs.PredictConfig, config.predict, "predict")
     fields, rows = data_lib.predict_rows(config.data, pred_cfg)
     output = pred_cfg.output or workdir_lib.path(run.workdir, workdir_lib.PREDICTIONS_FILE)
-    encoding = encoding_config(configs.section(configs.ClassifyDataConfig, config.data, "data"),
-                               len(fields))
+    encoding = encoding_config(configs.section(configs.ClassifyDataConfig, config.data, "data"), len(fields))
     model = build_model(run.record)
     apply = jax.jit(lambda p, b: model.apply({"params": p}, b["ids"], segment_ids=b["segment_ids"],
                                              type_ids=b["type_ids"]))
