@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from encoder_jax import errors
+from encoder_jax import errors, wide
 from encoder_jax.layers import (ACTIVATIONS, EncoderBlock, EncoderConfig,
                                 _kernel_init, attention_mask, layer_norm)
 
@@ -43,10 +43,7 @@ def bigram_buckets(ids_BxL: jax.Array, segment_ids_BxL: jax.Array, num_buckets: 
     """
     same_doc_BxL = jnp.pad(segment_ids_BxL[:, 1:] == segment_ids_BxL[:, :-1], ((0, 0), (1, 0)))
     previous_BxL = jnp.where(same_doc_BxL, jnp.pad(ids_BxL[:, :-1], ((0, 0), (1, 0))) + 1, 0)
-    h = previous_BxL.astype(jnp.uint32) * jnp.uint32(0x9E3779B1) + ids_BxL.astype(jnp.uint32)
-    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
-    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
-    return ((h ^ (h >> 16)) % jnp.uint32(num_buckets)).astype(jnp.int32)
+    return wide.hash_pair(previous_BxL, ids_BxL, num_buckets)
 
 
 class BertEncoder(nn.Module):
@@ -164,6 +161,7 @@ class BertForClassification(nn.Module):
     num_classes: int
     pooling: str = "first"  # "first": BERT's tanh pooler on [CLS]; "mean": mean of real tokens
     wide_buckets: int = 0  # hashed bigram rows of the wide part; 0: no wide part
+    wide_chars: bool = False  # the wide part also sees character uni/bigrams (see wide.py)
 
     @nn.compact
     def __call__(self, ids_BxL: jax.Array, *, segment_ids=None, mask=None, type_ids=None,
@@ -193,7 +191,8 @@ class BertForClassification(nn.Module):
         return (deep_BxC, wide_BxC) if return_parts else deep_BxC + wide_BxC
 
     def wide_logits(self, ids_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
-        """(B, C) float32: summed unigram and hashed-bigram weights of real tokens / sqrt(count).
+        """(B, C) float32: summed unigram and hashed-bigram weights of real tokens / sqrt(count),
+        plus (`wide_chars`) the same over the character uni/bigrams of the row's pieces.
 
         Zero-initialised, so a fresh wide part leaves the encoder's logits unchanged.
         """
@@ -204,4 +203,15 @@ class BertForClassification(nn.Module):
             bigram_buckets(ids_BxL, segment_ids_BxL, self.wide_buckets))
         real_BxLx1 = (segment_ids_BxL > 0)[..., None].astype(jnp.float32)
         count_Bx1 = jnp.maximum(real_BxLx1.sum(1), 1.0)
-        return ((unigram_BxLxC + bigram_BxLxC) * real_BxLx1).sum(1) / jnp.sqrt(count_Bx1)
+        tokens_BxC = ((unigram_BxLxC + bigram_BxLxC) * real_BxLx1).sum(1) / jnp.sqrt(count_Bx1)
+        if not self.wide_chars:
+            return tokens_BxC
+        # Filled from the tokenizer by the classification task; -1 (no n-grams) until then.
+        index_VxW = self.param("wide_char_index", nn.initializers.constant(-1.0),
+                               (self.config.vocab_size, wide.INDEX_WIDTH), jnp.float32)
+        buckets_BxLxS, valid_BxLxS = wide.char_buckets(jax.lax.stop_gradient(index_VxW)[ids_BxL],
+                                                       segment_ids_BxL, self.wide_buckets)
+        valid_BxLxSx1 = valid_BxLxS[..., None].astype(jnp.float32)
+        chars_BxC = (table(self.wide_buckets, "wide_char")(buckets_BxLxS) * valid_BxLxSx1).sum((1, 2))
+        char_count_Bx1 = jnp.maximum(valid_BxLxSx1.sum((1, 2)), 1.0)
+        return tokens_BxC + chars_BxC / jnp.sqrt(char_count_Bx1)

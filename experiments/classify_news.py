@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         else {"num_layers": 2, "hidden_dim": 128, "num_heads": 2, "mlp_dim": 512, "max_len": 512})
     c.model.pooling = "first"  # first: tanh pooler on [CLS] | mean: mean of real tokens
     c.model.wide_buckets = 0  # >0: add a linear model over tokens + this many hashed bigram rows (Wide & Deep)
+    c.model.wide_chars = False  # the wide part also sees character uni/bigrams (Chinese: see docs/recipes.md)
     c.model.dropout_rate = 0.1  # also the classifier-head dropout
     c.model.attention_dropout_rate = 0.1
     c.model.init_std = 0.02

@@ -15,10 +15,11 @@ import numpy as np
 import optax
 import pytest
 
-from encoder_jax import checkpoint, errors, metrics, optim, parallel, search, train
+from encoder_jax import checkpoint, errors, metrics, optim, parallel, search, train, wide as wide_lib
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, classification as data_lib
 from encoder_jax.data.sources import DataError
+from encoder_jax.data.text import special_ids
 from encoder_jax.layers import EncoderConfig
 from encoder_jax.models import BertForClassification
 from encoder_jax.tasks import classify
@@ -148,8 +149,18 @@ def test_wide_buckets_is_recorded_and_a_negative_count_names_the_field(tmp_path)
     workdir_lib.write_model_record(str(tmp_path), record)  # a run to resume: same wide part only
     assert classify.model_record(cfg, 4, model_cfg, str(tmp_path)).fields["wide_buckets"] == 32
     model_cfg.wide_buckets = 64
-    with pytest.raises(errors.ConfigError, match=r"wide_buckets=64; .* and 32 to resume"):
+    with pytest.raises(errors.ConfigError, match=r"^model\.wide_buckets=64; valid: 32, as in the resumed"):
         classify.model_record(cfg, 4, model_cfg, str(tmp_path))
+    model_cfg.wide_buckets, model_cfg.wide_chars = 32, True
+    with pytest.raises(errors.ConfigError, match=r"^model\.wide_chars=True; valid: False, as in the resumed"):
+        classify.model_record(cfg, 4, model_cfg, str(tmp_path))
+    assert classify.build_model(classify.model_record(cfg, 4, model_cfg)).wide_chars
+    model_cfg.wide_buckets = 0
+    with pytest.raises(errors.ConfigError, match=r"^model\.wide_chars=True needs model\.wide_buckets > 0"):
+        classify.model_record(cfg, 4, model_cfg)
+    with pytest.raises(TypeError, match=r"^model\.wide_chars='yes' must be bool"):
+        classify.model_record(cfg, 4, ml_collections.ConfigDict({"pooling": "first", "wide_chars": "yes"}))
+    model_cfg.wide_chars = False
     old = workdir_lib.ModelRecord("classify", cfg, {"num_classes": 4, "pooling": "mean"})
     assert classify.build_model(old).wide_buckets == 0  # records written before the field
     model_cfg.wide_buckets = -1
@@ -367,6 +378,22 @@ def test_separate_wide_loss_trains_each_part_alone(news, data_cache, wide_loss):
     assert same == (wide_loss == "separate")
     with pytest.raises(errors.ConfigError, match=r"finetune\.wide_loss='sum'; valid: \['joint'"):
         build(news_config(news, data_cache, **{"finetune.wide_loss": "sum"}))
+
+
+def test_wide_chars_table_comes_from_the_tokenizer_and_is_never_trained(news, data_cache):
+    config = news_config(news, data_cache, **{"model.wide_buckets": 64, "model.wide_chars": True})
+    task = build(config)
+    params = task.init_params(jax.random.key(0))
+    tokenizer = tokenizer_for(news, data_cache)
+    expected = wide_lib.tokenizer_char_table(tokenizer, special_ids(tokenizer), 64)
+    assert np.array_equal(params["wide_char_index"], expected) and (expected[:, 0] >= 0).mean() > 0.5
+    tx, _ = optim.build_optimizer(config.opt, 10, lr_scale=task.lr_scale)
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = tx.init(params)
+    for _ in range(2):  # the first step's learning rate is 0 (warm-up)
+        updates, state = tx.update(grads, state, params)
+    assert not np.asarray(updates["wide_char_index"]).any()
+    assert np.asarray(updates["wide_char"]["embedding"]).any()
 
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Any, Sequence
 
@@ -17,6 +18,8 @@ import numpy as np
 
 from encoder_jax import configs, errors
 from encoder_jax.data.sources import DataError
+
+log = logging.getLogger("encoder_jax")
 
 LABEL_FORMATS = ("auto", "index", "name")
 
@@ -140,3 +143,37 @@ def encode_labels(labels: "LabelSpace", raw: Sequence[Any], name: str) -> np.nda
     """Raw labels -> class ids (N,) int32; the first bad one raises, naming its record."""
     return np.asarray([labels.encode(v, f"{name} record {i + 1}") for i, v in enumerate(raw)],
                       np.int32)
+
+
+def select_examples(data_cfg: configs.ClassifyDataConfig, cv: configs.CvConfig,
+                    train_ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Indices of the train split to train on and, for a CV fold, to evaluate on (else None).
+
+    `data.max_train_examples` keeps a fixed random subset (seeded by data.subset_seed);
+    `cv.fold` (with `cv.folds`) holds out one stratified fold of what remains.
+    """
+    indices = np.arange(len(train_ids_N))
+    if data_cfg.max_train_examples:
+        rng = np.random.default_rng(data_cfg.subset_seed)
+        indices = np.sort(rng.permutation(indices)[:data_cfg.max_train_examples])
+    if cv.fold is None:
+        return indices, None
+    from sklearn.model_selection import StratifiedKFold
+
+    if not 0 <= cv.fold < cv.folds:
+        raise errors.ConfigError(f"cv.fold={cv.fold}; valid: 0..{cv.folds - 1} (cv.folds={cv.folds})")
+    try:
+        splitter = StratifiedKFold(cv.folds, shuffle=True, random_state=cv.seed)
+        train_pos, held_pos = list(splitter.split(indices, train_ids_N[indices]))[cv.fold]
+    except ValueError as e:
+        raise errors.ConfigError(f"cv.folds={cv.folds}: {e}") from None
+    return indices[train_pos], indices[held_pos]
+
+
+def warn_on_imbalance(names, train_ids_N: np.ndarray, eval_ids_N: np.ndarray) -> None:
+    """Logs classes absent from training or evaluation (their metrics are 0 / skipped)."""
+    for split, ids in (("training", train_ids_N), ("evaluation", eval_ids_N)):
+        counts = np.bincount(ids, minlength=len(names))
+        absent = [names[c] for c in np.flatnonzero(counts == 0)]
+        if absent:
+            log.warning("classes absent from the %s split: %s", split, absent)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from encoder_jax import baselines, config_types, configs, errors, metrics, optim, pretrained as pretrained_lib
-from encoder_jax import reporting
+from encoder_jax import reporting, wide as wide_lib
 from encoder_jax import workdir as workdir_lib
 from encoder_jax.data import batching, classification as data_lib, labels as labels_lib
 from encoder_jax.data import sources, tokenizer as tokenizer_lib
@@ -38,7 +38,7 @@ log = logging.getLogger("encoder_jax")
 
 ARCH_FIELDS = ("hidden_dim", "num_layers", "num_heads", "mlp_dim", "max_len", "type_vocab_size",
                "activation", "layer_norm_eps", "pre_norm", "use_pooler", "bigram_buckets")
-TASK_MODEL_FIELDS = ("pooling", "wide_buckets", "scratch")  # config.model keys that are not the encoder's
+TASK_MODEL_FIELDS = ("pooling", "wide_buckets", "wide_chars", "scratch")  # config.model keys that are not the encoder's
 
 
 # ----------------------------------------------------------------------------- model shape
@@ -60,13 +60,19 @@ def architecture(model_cfg, recorded: dict[str, Any] | None, recorded_from: str)
 
 def model_record(cfg: EncoderConfig, num_classes: int, model_cfg, workdir=None) -> workdir_lib.ModelRecord:
     """What predict needs to rebuild the model; on resume the wide part must match `workdir`'s."""
-    wide_buckets = config_types.check_type("model.wide_buckets", model_cfg.get("wide_buckets") or 0, int)
+    wide = {"wide_buckets": config_types.check_type("model.wide_buckets", model_cfg.get("wide_buckets") or 0, int),
+            "wide_chars": config_types.check_type("model.wide_chars", model_cfg.get("wide_chars") or False, bool)}
     recorded = workdir_lib.read_model_record(workdir) if workdir else None
-    resumed = f", and {recorded.fields.get('wide_buckets', 0)} to resume {workdir}" if recorded else ""
-    if wide_buckets < 0 or (recorded and recorded.fields.get("wide_buckets", 0) != wide_buckets):
-        raise errors.ConfigError(f"model.wide_buckets={wide_buckets}; valid: 0 (off) or a bucket count{resumed}")
+    for field, value in wide.items():
+        before = recorded.fields.get(field, type(value)()) if recorded else value
+        if (field == "wide_buckets" and value < 0) or before != value:
+            raise errors.ConfigError(f"model.{field}={value}; valid: " + (
+                f"{before}, as in the resumed {workdir}" if before != value
+                else "0 (off) or a bucket count"))
+    if wide["wide_chars"] and not wide["wide_buckets"]:
+        raise errors.ConfigError("model.wide_chars=True needs model.wide_buckets > 0 (its table size)")
     return workdir_lib.ModelRecord("classify", cfg, {
-        "num_classes": num_classes, "pooling": model_cfg.pooling, "wide_buckets": wide_buckets})
+        "num_classes": num_classes, "pooling": model_cfg.pooling, **wide})
 
 
 def build_model(record: workdir_lib.ModelRecord) -> BertForClassification:
@@ -108,43 +114,6 @@ def augment_tokens(key: jax.Array, batch: dict[str, jax.Array], *, delete_rate: 
     return {**batch, "ids": ids_BxL, "type_ids": types_BxL, "segment_ids": seg_BxL}
 
 
-# ----------------------------------------------------------------------------- data selection
-
-
-def select_examples(data_cfg: configs.ClassifyDataConfig, cv: configs.CvConfig,
-                    train_ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Indices of the train split to train on and, for a CV fold, to evaluate on (else None).
-
-    `data.max_train_examples` keeps a fixed random subset (seeded by data.subset_seed);
-    `cv.fold` (with `cv.folds`) holds out one stratified fold of what remains.
-    """
-    indices = np.arange(len(train_ids_N))
-    if data_cfg.max_train_examples:
-        rng = np.random.default_rng(data_cfg.subset_seed)
-        indices = np.sort(rng.permutation(indices)[:data_cfg.max_train_examples])
-    if cv.fold is None:
-        return indices, None
-    from sklearn.model_selection import StratifiedKFold
-
-    if not 0 <= cv.fold < cv.folds:
-        raise errors.ConfigError(f"cv.fold={cv.fold}; valid: 0..{cv.folds - 1} (cv.folds={cv.folds})")
-    try:
-        splitter = StratifiedKFold(cv.folds, shuffle=True, random_state=cv.seed)
-        train_pos, held_pos = list(splitter.split(indices, train_ids_N[indices]))[cv.fold]
-    except ValueError as e:
-        raise errors.ConfigError(f"cv.folds={cv.folds}: {e}") from None
-    return indices[train_pos], indices[held_pos]
-
-
-def warn_on_imbalance(names, train_ids_N: np.ndarray, eval_ids_N: np.ndarray) -> None:
-    """Logs classes absent from training or evaluation (their metrics are 0 / skipped)."""
-    for split, ids in (("training", train_ids_N), ("evaluation", eval_ids_N)):
-        counts = np.bincount(ids, minlength=len(names))
-        absent = [names[c] for c in np.flatnonzero(counts == 0)]
-        if absent:
-            log.warning("classes absent from the %s split: %s", split, absent)
-
-
 # ----------------------------------------------------------------------------- task
 
 
@@ -162,7 +131,7 @@ def load_data(data_cfg: configs.ClassifyDataConfig, cv: configs.CvConfig, cache_
     raw_train = labels_lib.read_raw_labels(full_train, num_texts, data_cfg.allow_empty_text)
     labels = labels_lib.infer_label_space(data_cfg, raw_train, labels_lib.catalog_label_names(full_train))
     all_ids = labels_lib.encode_labels(labels, raw_train, full_train.name)
-    train_idx, held_idx = select_examples(data_cfg, cv, all_ids)
+    train_idx, held_idx = labels_lib.select_examples(data_cfg, cv, all_ids)
     if len(train_idx) == 0:
         raise DataError(f"no training examples left in {full_train.name} (data.max_train_examples, cv)")
     train_source = data_lib.SubsetSource(full_train, train_idx, "train")
@@ -173,7 +142,7 @@ def load_data(data_cfg: configs.ClassifyDataConfig, cv: configs.CvConfig, cache_
     else:
         eval_source = data_lib.SubsetSource(full_train, held_idx, f"fold {cv.fold}")
         eval_ids = all_ids[held_idx]
-    warn_on_imbalance(labels.names, all_ids[train_idx], eval_ids)
+    labels_lib.warn_on_imbalance(labels.names, all_ids[train_idx], eval_ids)
     return full_train, train_source, eval_source, labels
 
 
@@ -230,7 +199,9 @@ def model_functions(model: BertForClassification, ft: configs.FinetuneConfig, to
     specials = tuple(int(i) for i in special_ids(tokenizer))
 
     def init_params(rng):
-        return model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+        params = model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+        return (wide_lib.fill_char_index(params, tokenizer, specials, model.wide_buckets)
+                if model.wide_chars else params)
 
     def forward(params, batch, rng, train, return_parts=False):
         return model.apply({"params": params}, batch["ids"], segment_ids=batch["segment_ids"],
@@ -337,7 +308,8 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         init_from=init_from if wants_pretrained else None, eval_fn=eval_fn,
         lr_scale=optim.product_of_scales(
             optim.layer_lr_decay_scale(decay, model_cfg.num_layers) if decay and decay != 1.0 else None,
-            optim.prefix_lr_scale("wide_", ft.wide_lr_scale) if wide else None),
+            optim.prefix_lr_scale("wide_", ft.wide_lr_scale) if wide else None,
+            optim.prefix_lr_scale("wide_char_index", 0.0) if model.wide_chars else None),  # a table
         batch_rows={"data.batch_size": data_cfg.batch_size // shard_count,
                     "eval.batch_size": (eval_cfg.batch_size or data_cfg.batch_size) // shard_count},
         **evaluation_hooks(workdir, eval_source, tokenizer, labels, encoding,
