@@ -63,12 +63,12 @@ def model_record(cfg: EncoderConfig, num_classes: int, model_cfg, workdir=None) 
     wide = {"wide_buckets": config_types.check_type("model.wide_buckets", model_cfg.get("wide_buckets") or 0, int),
             "wide_chars": config_types.check_type("model.wide_chars", model_cfg.get("wide_chars") or False, bool)}
     recorded = workdir_lib.read_model_record(workdir) if workdir else None
-    for field, value in wide.items():
+    if wide["wide_buckets"] < 0:
+        raise errors.ConfigError(f"model.wide_buckets={wide['wide_buckets']}; valid: 0 (off) or a bucket count")
+    for field, value in wide.items():  # records written before a field hold its off value
         before = recorded.fields.get(field, type(value)()) if recorded else value
-        if (field == "wide_buckets" and value < 0) or before != value:
-            raise errors.ConfigError(f"model.{field}={value}; valid: " + (
-                f"{before}, as in the resumed {workdir}" if before != value
-                else "0 (off) or a bucket count"))
+        if before != value:
+            raise errors.ConfigError(f"model.{field}={value}; valid: {before}, as in the resumed {workdir}")
     if wide["wide_chars"] and not wide["wide_buckets"]:
         raise errors.ConfigError("model.wide_chars=True needs model.wide_buckets > 0 (its table size)")
     return workdir_lib.ModelRecord("classify", cfg, {
