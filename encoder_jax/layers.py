@@ -145,18 +145,16 @@ def _attend(q_BxLxNxH: jax.Array, k_BxSxNxH: jax.Array, v_BxSxNxH: jax.Array,
 
 def _write_slots(cache: jax.Array, new_RxLxNxH: jax.Array, index: jax.Array, keys: bool
                  ) -> jax.Array:
-    """Writes the keys (or values) of the G*C hypotheses (L = 1) at position `index` of their
-    slots: hypothesis g's slot is positions [g*T, (g+1)*T) of the cache's position axis
-    (keys (C, N, H, G*T), values (C, N, G*T, H))."""
+    """Writes the keys (or values) of the G*C hypotheses (L = 1) at position `index`: the
+    cache's position axis is position-major, hypothesis g's position t at t*G + g (keys
+    (C, N, H, T*G), values (C, N, T*G, H)), so the G hypotheses of a step fill G adjacent
+    entries, written in place by one update."""
     rows, heads = cache.shape[:2]
-    slots = cache.shape[3] if keys else cache.shape[2]
     group = new_RxLxNxH.shape[0] // rows
     new_CxGxNxH = new_RxLxNxH.reshape(rows, group, heads, -1).astype(cache.dtype)
-    for g in range(group):  # G in-place updates; one strided scatter would copy the cache
-        new = _heads_major(new_CxGxNxH[:, g:g + 1], keys)
-        start = g * (slots // group) + index
-        cache = jax.lax.dynamic_update_slice(cache, new, (0, 0, 0, start) if keys else (0, 0, start, 0))
-    return cache
+    start = index * group
+    return jax.lax.dynamic_update_slice(cache, _heads_major(new_CxGxNxH, keys),
+                                        (0, 0, 0, start) if keys else (0, 0, start, 0))
 
 
 def _attend_cache(q_RxLxNxH: jax.Array, k_CxNxHxS: jax.Array, v_CxNxSxH: jax.Array,
@@ -187,10 +185,10 @@ class SelfAttention(nn.Module):
       default: keys/values from x (or `kv_BxSxD`); returns out (B, L, D).
       `cache` + `decode_index`: self-attention decoding of C rows with G hypotheses each
         (x has G*C rows, L = 1; hypothesis g of row c at c*G + g): x's keys/values are
-        written into `cache` {"key" (C, N, H, G*T), "value" (C, N, G*T, H)} at position `decode_index`
-        of each hypothesis' slot (slot g: key positions [g*T, (g+1)*T)), and x attends
-        over all G*T positions of its row under `mask` (C, 1, G, G*T), which picks those
-        of its own history; returns (out, new cache).
+        written into `cache` {"key" (C, N, H, T*G), "value" (C, N, T*G, H)} at position
+        `decode_index` of each hypothesis' slot (slot g holds entries t*G + g), and x
+        attends over all T*G entries of its row under `mask` (C, 1, G, T*G), which picks
+        those of its own history; returns (out, new cache).
       `cache` alone: attends over precomputed {"key" (C, N, H, S), "value" (C, N, S, H)}
         (cross-attention decoding) with the G*C rows of x as above, so a row's hypotheses
         share one copy of the source's keys; returns (out, cache).

@@ -95,12 +95,13 @@ def claim_own_slots(ancestors_BxGxT: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def history_mask(ancestors_BxGxT: jax.Array, index: jax.Array) -> jax.Array:
-    """bool (B, 1, G, G*T): [b, 0, g, h*T + t] is true iff slot h holds position t <= index
-    of hypothesis g's history (ancestors_BxGxT[b, g, t] == h)."""
+    """bool (B, 1, G, T*G): [b, 0, g, t*G + h] is true iff slot h holds position t <= index
+    of hypothesis g's history (ancestors_BxGxT[b, g, t] == h); the cache's position axis
+    is position-major (`layers._write_slots`)."""
     batch, group, length = ancestors_BxGxT.shape
-    own_BxGxHxT = ancestors_BxGxT[:, :, None, :] == jnp.arange(group)[None, None, :, None]
-    seen_BxGxHxT = own_BxGxHxT & (jnp.arange(length) <= index)[None, None, None, :]
-    return seen_BxGxHxT.reshape(batch, 1, group, group * length)
+    own_BxGxTxH = ancestors_BxGxT[:, :, :, None] == jnp.arange(group)[None, None, None, :]
+    seen_BxGxTxH = own_BxGxTxH & (jnp.arange(length) <= index)[None, None, :, None]
+    return seen_BxGxTxH.reshape(batch, 1, group, length * group)
 
 
 def reorder_beam_cache(cache: dict[str, Any], parents_BxK: jax.Array) -> dict[str, Any]:
@@ -182,9 +183,10 @@ class Decoder(nn.Module):
         return y_BxTxD
 
     def init_cache(self, rows: int, max_len: int, beams: int = 1) -> dict[str, Any]:
-        """Zero self-attention keys (rows, N, H, beams * max_len) and values (rows, N,
-        beams * max_len, H) per block, and the ancestor table int32 (rows, beams, max_len):
-        the slot holding each position of each hypothesis' history (`reorder_beam_cache`)."""
+        """Zero self-attention keys (rows, N, H, max_len * beams) and values (rows, N,
+        max_len * beams, H) per block (position t of slot g at t * beams + g), and the
+        ancestor table int32 (rows, beams, max_len): the slot holding each position of
+        each hypothesis' history (`reorder_beam_cache`)."""
         dec = self.config.decoder
         values = jnp.zeros((rows, dec.num_heads, beams * max_len, dec.head_dim), dec.dtype)
         keys = jnp.swapaxes(values, 2, 3)

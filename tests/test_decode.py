@@ -343,3 +343,55 @@ def test_early_exit_bound_allows_for_the_length_penalty():
                              eos_id=eos_id, max_len=max_len)
     np.testing.assert_array_equal(out.tokens[0, 0], [1] * max_len)
     np.testing.assert_allclose(out.scores[0, 0], np.log(0.4) / penalty(max_len, alpha), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- top_k
+
+@pytest.mark.parametrize("case", ["normal", "ties", "mostly_neg_inf"])
+def test_blocked_top_k_equals_lax_top_k(case):
+    rng = np.random.RandomState(3)
+    x = rng.normal(size=(3, 2, 8192)).astype(np.float32)
+    if case == "ties":  # few distinct values: the order among equals must be lax.top_k's
+        x = np.round(x * 2) / 2
+    if case == "mostly_neg_inf":  # fewer than k finite values in some rows
+        x[rng.rand(*x.shape) < 0.9995] = -np.inf
+        x[0, 0] = -np.inf
+    assert decode._top_k_block(8192, 8) == 128, "this test must take the blocked path"
+    values, indices = jax.jit(decode.top_k, static_argnums=1)(jnp.asarray(x), 8)
+    expected_values, expected_indices = jax.lax.top_k(jnp.asarray(x), 8)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(indices, expected_indices)
+
+
+def test_blocked_top_k_block_sizes_and_fallbacks():
+    assert decode._top_k_block(4 * 32000, 8) == 128  # beam 4 x a 32k vocabulary
+    assert decode._top_k_block(1000, 8) is None  # short: lax.top_k as is
+    assert decode._top_k_block(8191, 8) is None  # prime: no block size divides it
+    assert decode._top_k_block(4096, 64) is None  # too few blocks for k
+    x = jnp.asarray(np.random.RandomState(0).normal(size=(2, 8191)).astype(np.float32))
+    for got, expected in zip(decode.top_k(x, 5), jax.lax.top_k(x, 5)):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_beam_search_over_a_large_vocabulary_is_unchanged_by_the_blocked_top_k(monkeypatch):
+    vocab, eos_id, max_len = 2048, 5, 5  # K * V = 8192: the blocked path
+    rng = np.random.RandomState(4)
+    embed_VxE = jnp.asarray(rng.normal(size=(vocab, 8)).astype(np.float32))
+    out_ExV = jnp.asarray(rng.normal(scale=2.0, size=(8, vocab)).astype(np.float32))
+    shift_TxV = jnp.asarray(rng.normal(size=(max_len, vocab)).astype(np.float32))
+
+    def tokens_to_logits(ids_N, cache, index):
+        logits_NxV = embed_VxE[(ids_N + cache["prev"]) % vocab] @ out_ExV
+        return logits_NxV + shift_TxV[index][None, :], {"prev": ids_N}
+
+    def run():
+        return decode.beam_search(tokens_to_logits, markov_cache((0, 7, 9)), batch_size=3,
+                                  beam_size=4, bos_id=BOS, eos_id=eos_id, max_len=max_len,
+                                  alpha=0.6)
+
+    assert decode._top_k_block(4 * vocab, 8) is not None
+    blocked = run()
+    monkeypatch.setattr(decode, "top_k", jax.lax.top_k)
+    plain = run()
+    for field in ("tokens", "scores", "lengths"):
+        np.testing.assert_array_equal(getattr(blocked, field), getattr(plain, field))
