@@ -162,8 +162,8 @@ def _greedy_step(state: _GreedyState, tokens_to_logits: TokensToLogits, limits_B
     ids_B = state.seqs_BxT1[:, state.index]
     logits_BxV, cache = tokens_to_logits(ids_B, state.cache, state.index)
     log_probs_BxV = _log_probs(logits_BxV, state.index + 1 >= limits_B, eos_id)
-    next_B = jnp.argmax(log_probs_BxV, axis=-1).astype(jnp.int32)
-    next_log_prob_B = jnp.take_along_axis(log_probs_BxV, next_B[:, None], axis=-1)[:, 0]
+    best_log_prob_Bx1, best_Bx1 = top_k(log_probs_BxV, 1)  # the argmax: first of ties
+    next_B, next_log_prob_B = best_Bx1[:, 0].astype(jnp.int32), best_log_prob_Bx1[:, 0]
     active_B = ~state.finished_B
     next_B = jnp.where(active_B, next_B, 0)
     return state.replace(

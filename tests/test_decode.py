@@ -373,8 +373,8 @@ def test_blocked_top_k_block_sizes_and_fallbacks():
         np.testing.assert_array_equal(got, expected)
 
 
-def test_beam_search_over_a_large_vocabulary_is_unchanged_by_the_blocked_top_k(monkeypatch):
-    vocab, eos_id, max_len = 2048, 5, 5  # K * V = 8192: the blocked path
+def test_searches_over_a_large_vocabulary_are_unchanged_by_the_blocked_top_k(monkeypatch):
+    vocab, eos_id, max_len = 2048, 5, 5  # greedy: V = 2048, beam: K * V = 8192: the blocked path
     rng = np.random.RandomState(4)
     embed_VxE = jnp.asarray(rng.normal(size=(vocab, 8)).astype(np.float32))
     out_ExV = jnp.asarray(rng.normal(scale=2.0, size=(8, vocab)).astype(np.float32))
@@ -385,13 +385,18 @@ def test_beam_search_over_a_large_vocabulary_is_unchanged_by_the_blocked_top_k(m
         return logits_NxV + shift_TxV[index][None, :], {"prev": ids_N}
 
     def run():
-        return decode.beam_search(tokens_to_logits, markov_cache((0, 7, 9)), batch_size=3,
-                                  beam_size=4, bos_id=BOS, eos_id=eos_id, max_len=max_len,
-                                  alpha=0.6)
+        kwargs = dict(batch_size=3, bos_id=BOS, eos_id=eos_id, max_len=max_len)
+        return (decode.greedy_search(tokens_to_logits, markov_cache((0, 7, 9)), **kwargs),
+                decode.beam_search(tokens_to_logits, markov_cache((0, 7, 9)), beam_size=4,
+                                   alpha=0.6, **kwargs))
 
-    assert decode._top_k_block(4 * vocab, 8) is not None
+    assert decode._top_k_block(vocab, 1) is not None and decode._top_k_block(4 * vocab, 8) is not None
     blocked = run()
     monkeypatch.setattr(decode, "top_k", jax.lax.top_k)
     plain = run()
-    for field in ("tokens", "scores", "lengths"):
-        np.testing.assert_array_equal(getattr(blocked, field), getattr(plain, field))
+    for got, expected in zip(blocked, plain):
+        for field in ("tokens", "scores", "lengths"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(expected, field))
+    np.testing.assert_array_equal(  # lax.top_k's k = 1 is the argmax
+        plain[0].tokens[:, 0, 0], jnp.argmax(shift_TxV[0][None, :] + embed_VxE[(BOS + jnp.array(
+            [0, 7, 9])) % vocab] @ out_ExV, axis=-1))
