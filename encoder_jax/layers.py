@@ -168,11 +168,11 @@ def _attend_cache(q_RxLxNxH: jax.Array, k_CxNxHxS: jax.Array, v_CxNxSxH: jax.Arr
     cached = k_CxNxHxS.shape[0]
     group = rows // cached
     q_CxNxGLxH = jnp.transpose(q_RxLxNxH.reshape(cached, group * length, heads, head_dim),
-                               (0, 2, 1, 3))
+                               (0, 2, 1, 3)) * jnp.asarray(head_dim ** -0.5, q_RxLxNxH.dtype)
     logits_CxNxGLxS = jnp.einsum("cnqh,cnhs->cnqs", q_CxNxGLxH, k_CxNxHxS,
-                                 preferred_element_type=jnp.float32) * head_dim ** -0.5
-    if mask is not None:
-        logits_CxNxGLxS = jnp.where(mask, logits_CxNxGLxS, jnp.finfo(jnp.float32).min)
+                                 preferred_element_type=jnp.float32)
+    if mask is not None:  # an additive bias: XLA:CPU fuses a select into the product, 1.6x slower
+        logits_CxNxGLxS = logits_CxNxGLxS + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
     probs_CxNxGLxS = jax.nn.softmax(logits_CxNxGLxS, axis=-1).astype(v_CxNxSxH.dtype)
     out_CxNxGLxH = jnp.einsum("cnqs,cnsh->cnqh", probs_CxNxGLxS, v_CxNxSxH)
     return jnp.transpose(out_CxNxGLxH, (0, 2, 1, 3)).reshape(rows, length, heads, head_dim)
