@@ -199,9 +199,10 @@ class Decoder(nn.Module):
                 for i, block in enumerate(self.blocks)}
 
     def step(self, ids_N: jax.Array, cache: dict[str, Any], index: jax.Array,
-             source_cache: dict[str, Any], source_segment_ids_BxS: jax.Array, shared
-             ) -> tuple[jax.Array, dict[str, Any]]:
-        """One token per hypothesis at position `index`: (logits (N, V), new cache).
+             source_cache: dict[str, Any], source_segment_ids_BxS: jax.Array, shared,
+             vocab_major: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+        """One token per hypothesis at position `index`: (logits (N, V), or (V, N) if
+        vocab_major, new cache).
 
         N = B*G: the cache's G hypotheses of each of its B rows, hypothesis g of row b at b*G + g.
         """
@@ -216,7 +217,20 @@ class Decoder(nn.Module):
             y_Nx1xD, new_cache[name] = block(y_Nx1xD, self_mask, None, source_mask, True,
                                              cache=cache[name], decode_index=index,
                                              source_cache=source_cache[name])
-        return self.logits(y_Nx1xD, shared)[:, 0], new_cache
+        if not vocab_major:
+            return self.logits(y_Nx1xD, shared)[:, 0], new_cache
+        return self.vocab_major_logits(y_Nx1xD[:, 0], shared), new_cache
+
+    def vocab_major_logits(self, y_NxD: jax.Array, shared) -> jax.Array:
+        """`logits` transposed, (V, N) float32, as table @ final_norm(y).T: XLA:CPU runs this
+        product at 16-64 rows much faster than y @ table.T (`decode` module docstring)."""
+        y_NxD, table_VxD, bias_V = self.features(y_NxD, shared)
+        if self.output is not None:  # untied: the kernel (D, V) contracted on its first axis
+            kernel_DxV = self.output.variables["params"]["kernel"].astype(y_NxD.dtype)
+            logits_VxN = jax.lax.dot_general(kernel_DxV, y_NxD, (((0,), (1,)), ((), ())))
+        else:
+            logits_VxN = jax.lax.dot_general(table_VxD, y_NxD, (((1,), (1,)), ((), ())))
+        return logits_VxN.astype(jnp.float32) + bias_V.astype(jnp.float32)[:, None]
 
 
 class EncoderDecoder(nn.Module):
@@ -283,13 +297,14 @@ class EncoderDecoder(nn.Module):
         return self.decoder.source_cache(encoded_BxSxD)
 
     def decode_step(self, ids_N: jax.Array, cache: dict[str, Any], index: jax.Array,
-                    source_cache: dict[str, Any], source_segment_ids_BxS: jax.Array
-                    ) -> tuple[jax.Array, dict[str, Any]]:
-        """The cached decoder on one token per row: (logits (N, V) float32, new cache).
+                    source_cache: dict[str, Any], source_segment_ids_BxS: jax.Array,
+                    vocab_major: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+        """The cached decoder on one token per row: (logits (N, V) float32, or (V, N) if
+        vocab_major, new cache).
 
         N = B*G: the cache's G hypotheses (beams) per source row, hypothesis g of source b
         at b*G + g; they share the source's cross-attention keys/values (`source_cache`, B
         rows). Beam search reorders hypotheses with `reorder_beam_cache`.
         """
         return self.decoder.step(ids_N, cache, index, source_cache, source_segment_ids_BxS,
-                                 self.encoder)
+                                 self.encoder, vocab_major)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from encoder_jax import decode
+from encoder_jax import decode, topk
 
 PAD = BOS = 0
 SUPPRESSED = -1e9  # logit of token 0: BOS / pad is never generated, so 0 in an output is pad
@@ -356,20 +356,20 @@ def test_blocked_top_k_equals_lax_top_k(case):
     if case == "mostly_neg_inf":  # fewer than k finite values in some rows
         x[rng.rand(*x.shape) < 0.9995] = -np.inf
         x[0, 0] = -np.inf
-    assert decode._top_k_block(8192, 8) == 128, "this test must take the blocked path"
-    values, indices = jax.jit(decode.top_k, static_argnums=1)(jnp.asarray(x), 8)
+    assert topk.block_size(8192, 8) == 128, "this test must take the blocked path"
+    values, indices = jax.jit(topk.top_k, static_argnums=1)(jnp.asarray(x), 8)
     expected_values, expected_indices = jax.lax.top_k(jnp.asarray(x), 8)
     np.testing.assert_array_equal(values, expected_values)
     np.testing.assert_array_equal(indices, expected_indices)
 
 
 def test_blocked_top_k_block_sizes_and_fallbacks():
-    assert decode._top_k_block(4 * 32000, 8) == 128  # beam 4 x a 32k vocabulary
-    assert decode._top_k_block(1000, 8) is None  # short: lax.top_k as is
-    assert decode._top_k_block(8191, 8) is None  # prime: no block size divides it
-    assert decode._top_k_block(4096, 64) is None  # too few blocks for k
+    assert topk.block_size(4 * 32000, 8) == 128  # beam 4 x a 32k vocabulary
+    assert topk.block_size(1000, 8) is None  # short: lax.top_k as is
+    assert topk.block_size(8191, 8) is None  # prime: no block size divides it
+    assert topk.block_size(4096, 64) is None  # too few blocks for k
     x = jnp.asarray(np.random.RandomState(0).normal(size=(2, 8191)).astype(np.float32))
-    for got, expected in zip(decode.top_k(x, 5), jax.lax.top_k(x, 5)):
+    for got, expected in zip(topk.top_k(x, 5), jax.lax.top_k(x, 5)):
         np.testing.assert_array_equal(got, expected)
 
 
@@ -390,7 +390,7 @@ def test_searches_over_a_large_vocabulary_are_unchanged_by_the_blocked_top_k(mon
                 decode.beam_search(tokens_to_logits, markov_cache((0, 7, 9)), beam_size=4,
                                    alpha=0.6, **kwargs))
 
-    assert decode._top_k_block(vocab, 1) is not None and decode._top_k_block(4 * vocab, 8) is not None
+    assert topk.block_size(vocab, 1) is not None and topk.block_size(4 * vocab, 8) is not None
     blocked = run()
     monkeypatch.setattr(decode, "top_k", jax.lax.top_k)
     plain = run()
@@ -400,3 +400,45 @@ def test_searches_over_a_large_vocabulary_are_unchanged_by_the_blocked_top_k(mon
     np.testing.assert_array_equal(  # lax.top_k's k = 1 is the argmax
         plain[0].tokens[:, 0, 0], jnp.argmax(shift_TxV[0][None, :] + embed_VxE[(BOS + jnp.array(
             [0, 7, 9])) % vocab] @ out_ExV, axis=-1))
+
+
+@pytest.mark.parametrize("group,k,case", [(1, 1, "normal"), (4, 8, "normal"), (4, 8, "ties"),
+                                          (3, 6, "mostly_neg_inf"), (4, 8, "short")])
+def test_top_k_columns_equals_lax_top_k_of_the_transpose(group, k, case):
+    rng = np.random.RandomState(5)
+    x = rng.normal(size=(500 if case == "short" else 2048, 4 * group)).astype(np.float32)
+    if case == "ties":
+        x = np.round(x * 2) / 2
+    if case == "mostly_neg_inf":
+        x[rng.rand(*x.shape) < 0.999] = -np.inf
+    blocked = topk.block_size(x.shape[0], k, copies=group) is not None
+    assert blocked == (case != "short"), "the cases must cover both paths"
+    values, indices = jax.jit(topk.top_k_columns, static_argnums=(1, 2))(jnp.asarray(x), k, group)
+    rows = x.shape[1] // group
+    expected_values, expected_indices = jax.lax.top_k(jnp.asarray(x.T.reshape(rows, -1)), k)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(indices, expected_indices)
+
+
+@pytest.mark.parametrize("vocab", [11, 2048])  # lax.top_k / the blocked path
+def test_searches_read_vocab_major_logits_as_the_transposed_ones(vocab):
+    rng = np.random.RandomState(6)
+    embed_VxE = jnp.asarray(rng.normal(size=(vocab, 8)).astype(np.float32))
+    out_ExV = jnp.asarray(rng.normal(scale=2.0, size=(8, vocab)).astype(np.float32))
+    eos_id, max_len = 5, 5
+
+    def model(vocab_major):
+        def tokens_to_logits(ids_N, cache, index):
+            logits_NxV = embed_VxE[(ids_N + cache["prev"] + index) % vocab] @ out_ExV
+            return (logits_NxV.T if vocab_major else logits_NxV), {"prev": ids_N}
+        return tokens_to_logits
+
+    kwargs = dict(batch_size=3, bos_id=BOS, eos_id=eos_id, max_len=max_len,
+                  max_len_per_row=jnp.array([2, 5, 9], jnp.int32))  # forced EOS too
+    for search in (decode.greedy_search,
+                   functools.partial(decode.beam_search, beam_size=4, alpha=0.6)):
+        plain = search(model(False), markov_cache((0, 7, 9)), **kwargs)
+        vocab_major = search(model(True), markov_cache((0, 7, 9)), vocab_major=True, **kwargs)
+        np.testing.assert_array_equal(vocab_major.tokens, plain.tokens)
+        np.testing.assert_array_equal(vocab_major.lengths, plain.lengths)
+        np.testing.assert_allclose(vocab_major.scores, plain.scores, rtol=1e-6, atol=1e-6)

@@ -66,12 +66,15 @@ def test_cached_incremental_decoding_equals_the_full_forward_pass(share, tie, pr
     cache = model.apply(variables, source.shape[0], 8, method=EncoderDecoder.init_cache)
     source_cache = model.apply(variables, encoded, method=EncoderDecoder.source_cache)
     seg = (source != 0).astype(jnp.int32)
-    step = jax.jit(lambda ids, cache, i: model.apply(variables, ids, cache, i, source_cache, seg,
-                                                     method=EncoderDecoder.decode_step))
+    step = jax.jit(lambda ids, cache, i, vocab_major: model.apply(
+        variables, ids, cache, i, source_cache, seg, vocab_major,
+        method=EncoderDecoder.decode_step), static_argnums=3)
     steps = []
     for i in range(target.shape[1]):
-        logits, cache = step(target[:, i], cache, jnp.asarray(i))
+        vocab_major_VxN, _ = step(target[:, i], cache, jnp.asarray(i), True)
+        logits, cache = step(target[:, i], cache, jnp.asarray(i), False)
         steps.append(logits)
+        np.testing.assert_allclose(vocab_major_VxN.T, logits, atol=1e-5)  # (V, N) layout
     assert float(jnp.abs(jnp.stack(steps, 1) - full).max()) <= 1e-5
 
 

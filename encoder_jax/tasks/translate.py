@@ -167,15 +167,17 @@ def translate_batch(model: EncoderDecoder, params, batch: dict[str, jax.Array], 
     limits_B = decode.max_lengths((source_seg_BxS > 0).sum(-1), max_len_a, max_len_b, max_len)
 
     def tokens_to_logits(ids_N, cache, index):  # the source's keys/values stay out of the loop state
-        return model.apply(variables, ids_N, cache, index, source_cache, source_seg_BxS,
-                           method=EncoderDecoder.decode_step)
+        return model.apply(variables, ids_N, cache, index, source_cache, source_seg_BxS, True,
+                           method=EncoderDecoder.decode_step)  # logits (V, N)
 
     if beam_size == 1:
         return decode.greedy_search(tokens_to_logits, cache, batch_size=rows, bos_id=bos_id,
-                                    eos_id=eos_id, max_len=max_len, max_len_per_row=limits_B)
+                                    eos_id=eos_id, max_len=max_len, max_len_per_row=limits_B,
+                                    vocab_major=True)
     return decode.beam_search(tokens_to_logits, cache, batch_size=rows, beam_size=beam_size,
                               bos_id=bos_id, eos_id=eos_id, max_len=max_len, alpha=alpha,
-                              max_len_per_row=limits_B, reorder_cache=reorder_beam_cache)
+                              max_len_per_row=limits_B, reorder_cache=reorder_beam_cache,
+                              vocab_major=True)
 
 
 def detokenize(tokenizer, tokens_T: np.ndarray, eos_id: int) -> str:
