@@ -107,8 +107,8 @@ def gemm_loop_ms(shape: translate_step.Seq2SeqShape, beams: int, repeats: int) -
                 y = y + (y @ w["qkv"])[:, :d] @ w["out"]
                 y = y + (y @ w["cross_q"]) @ w["cross_out"]
                 y = y + jax.nn.relu(y @ w["wi"]) @ w["wo"]
-            logits = y @ table.T
-            return 0.1 * y, jnp.argmax(logits, axis=-1)
+            logits_VxN = table @ y.T  # vocabulary-major, as the decoder computes it
+            return 0.1 * y, jnp.argmax(logits_VxN, axis=0)
         return jax.lax.fori_loop(0, LOOP_STEPS, step, (x, jnp.zeros((rows,), jnp.int32)))
 
     return median_ms(lambda: jax.block_until_ready(run(x, layers, table)), repeats) / LOOP_STEPS
