@@ -168,7 +168,8 @@ def _greedy_step(state: _GreedyState, tokens_to_logits: TokensToLogits, limits_B
 def greedy_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int, bos_id: int,
                   eos_id: int, max_len: int, max_len_per_row: ArrayLike | None = None,
                   vocab_major: bool = False) -> DecodeOutput:
-    """Argmax decoding of up to max_len tokens per row; stops once every row has emitted EOS."""
+    """Argmax decoding of up to max_len tokens per row; stops once every row has emitted EOS.
+    With `vocab_major` the callback returns logits (V, B) instead of (B, V)."""
     limits_B = _row_limits(max_len_per_row, batch_size, max_len)
     seqs_BxT1 = jnp.zeros((batch_size, max_len + 1), jnp.int32).at[:, 0].set(bos_id)
     state = _GreedyState(
@@ -308,7 +309,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     `reorder_cache(cache, parents_BxK)` (beam k continues parents_BxK[:, k]), e.g. by
     reordering a small table of ancestors instead of every key and value.
     A row with fewer than K possible hypotheses gets empty slots: score -inf, tokens and
-    length 0.
+    length 0. With `vocab_major` the callback returns logits (V, B*K) instead of (B*K, V).
     """
     limits_B = _row_limits(max_len_per_row, batch_size, max_len)
     state = _init_beam_state(cache, batch_size, beam_size, bos_id, max_len,
