@@ -182,3 +182,29 @@ def test_dropout_is_active_only_in_training(seq2seq):
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(model.apply({"params": params}, source, target),
                                   model.apply({"params": params}, source, target))
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_translate_batch_exports_with_a_symbolic_batch_on_the_blocked_top_k_path(beam_size):
+    """A 4,096-token vocabulary takes topk's blocked path; jax.export must accept it with a
+    symbolic batch (the deployment artifact) and agree with the jitted call."""
+    from jax import export
+
+    from encoder_jax import topk
+    from encoder_jax.tasks import translate
+
+    model, params, source, _ = make(share=True, vocab=(4096, 4096))
+    assert topk.block_size(4096, 2 * beam_size, copies=beam_size) is not None
+
+    def run(params, ids, seg):
+        out = translate.translate_batch(
+            model, params, {"source_ids": ids, "source_segment_ids": seg}, beam_size=beam_size,
+            alpha=0.6, max_len=6, max_len_a=5, max_len_b=1.2, bos_id=2, eos_id=3)
+        return out.tokens, out.scores
+
+    batch, length = export.symbolic_shape("b, l", constraints=["l <= 16"])
+    rows = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    exported = export.export(jax.jit(run))(params, rows, rows)
+    seg = (source != 0).astype(jnp.int32)
+    for got, expected in zip(exported.call(params, source, seg), jax.jit(run)(params, source, seg)):
+        np.testing.assert_allclose(got, expected, atol=1e-6)
