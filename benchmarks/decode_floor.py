@@ -1,8 +1,9 @@
 """The memory floor of one cached decode step at a `translate_step` shape, on this machine.
 
-At batch 16 a decode step multiplies every decoder weight by a handful of rows: it is bound
-by how fast the machine streams the weights (and the caches) from memory, whatever the
-framework. This script measures three things in one process:
+At batch 16 a decode step multiplies every decoder weight by a handful of rows: it could run
+as fast as the machine streams the weights (and the caches) from memory, and how close a
+framework gets depends on its matmul kernels. This script measures four things in one
+process:
 
   stream_gb_per_s   the machine's read bandwidth: a jitted float32 sum over a 1 GiB array
                     (median of --repeats; XLA's reduction runs on all cores);
@@ -121,13 +122,14 @@ def ms_per_position(path: str, framework: str, part: str, shape_name: str) -> fl
     with open(path) as f:
         for line in f:
             r = json.loads(line)
-            if r.get("framework") == framework and (r.get("part"), r.get("shape")) == (part, shape_name):
+            if (r.get("framework"), r.get("part"), r.get("shape")) == (framework, part, shape_name):
                 times.append(1e3 * r["step_time_s"] / r["new_tokens"])
     return common.median(times) if times else None
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="marian", choices=sorted(translate_step.SHAPES))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--marian_jsonl", default="", help="compare_marian.py --out file (HF's times)")

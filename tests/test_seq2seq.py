@@ -60,6 +60,15 @@ def test_target_padding_does_not_change_real_positions(seq2seq):
                                                 (False, False, True)])
 def test_cached_incremental_decoding_equals_the_full_forward_pass(share, tie, pre_norm):
     model, params, source, target = make(share, tie, pre_norm, (50, 50) if share else (50, 40))
+    # output biases are zero at init: random ones, so that a bias lost or added twice shows
+    rng = np.random.default_rng(1)
+    decoder = {**params["decoder"]}
+    decoder["output_bias"] = jnp.asarray(rng.normal(size=decoder["output_bias"].shape), jnp.float32)
+    if not tie:
+        layer = decoder["output"]
+        decoder["output"] = {**layer, "bias": jnp.asarray(rng.normal(size=layer["bias"].shape),
+                                                          jnp.float32)}
+    params = {**params, "decoder": decoder}
     variables = {"params": params}
     full = model.apply(variables, source, target)
     encoded = model.apply(variables, source, method=EncoderDecoder.encode)
