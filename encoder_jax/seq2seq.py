@@ -223,7 +223,9 @@ class Decoder(nn.Module):
 
     def vocab_major_logits(self, y_NxD: jax.Array, shared) -> jax.Array:
         """`logits` transposed, (V, N) float32, as table @ final_norm(y).T: XLA:CPU runs this
-        product at 16-64 rows much faster than y @ table.T (`decode` module docstring)."""
+        product at 16-64 rows faster than y @ table.T (`decode` module docstring). An untied
+        kernel (D, V) is contracted on its first axis, which XLA:CPU runs 2-4x slower than
+        y @ kernel: `translate_batch` asks for this layout only with a tied output."""
         y_NxD, table_VxD, bias_V = self.features(y_NxD, shared)
         if self.output is not None:  # untied: the kernel (D, V) contracted on its first axis
             kernel_DxV = self.output.variables["params"]["kernel"].astype(y_NxD.dtype)

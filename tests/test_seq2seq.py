@@ -193,16 +193,17 @@ def test_dropout_is_active_only_in_training(seq2seq):
                                   model.apply({"params": params}, source, target))
 
 
-@pytest.mark.parametrize("beam_size", [1, 4])
-def test_translate_batch_exports_with_a_symbolic_batch_on_the_blocked_top_k_path(beam_size):
-    """A 4,096-token vocabulary takes topk's blocked path; jax.export must accept it with a
-    symbolic batch (the deployment artifact) and agree with the jitted call."""
+@pytest.mark.parametrize("beam_size,tie", [(1, True), (4, True), (4, False)])
+def test_translate_batch_exports_with_a_symbolic_batch_on_the_blocked_top_k_path(beam_size, tie):
+    """A 4,096-token vocabulary takes topk's blocked path (vocabulary-major logits when the
+    output is tied, (N, V) when not); jax.export must accept it with a symbolic batch (the
+    deployment artifact) and agree with the jitted call."""
     from jax import export
 
     from encoder_jax import topk
     from encoder_jax.tasks import translate
 
-    model, params, source, _ = make(share=True, vocab=(4096, 4096))
+    model, params, source, _ = make(share=True, tie=tie, vocab=(4096, 4096))
     assert topk.block_size(4096, 2 * beam_size, copies=beam_size) is not None
 
     def run(params, ids, seg):

@@ -165,19 +165,20 @@ def translate_batch(model: EncoderDecoder, params, batch: dict[str, jax.Array], 
     rows = batch["source_ids"].shape[0]
     cache = model.apply(variables, rows, max_len, beam_size, method=EncoderDecoder.init_cache)
     limits_B = decode.max_lengths((source_seg_BxS > 0).sum(-1), max_len_a, max_len_b, max_len)
+    vocab_major = model.config.tie_output  # (V, N) logits: faster tied, slower untied on CPU
 
     def tokens_to_logits(ids_N, cache, index):  # the source's keys/values stay out of the loop state
-        return model.apply(variables, ids_N, cache, index, source_cache, source_seg_BxS, True,
-                           method=EncoderDecoder.decode_step)  # logits (V, N)
+        return model.apply(variables, ids_N, cache, index, source_cache, source_seg_BxS,
+                           vocab_major, method=EncoderDecoder.decode_step)
 
     if beam_size == 1:
         return decode.greedy_search(tokens_to_logits, cache, batch_size=rows, bos_id=bos_id,
                                     eos_id=eos_id, max_len=max_len, max_len_per_row=limits_B,
-                                    vocab_major=True)
+                                    vocab_major=vocab_major)
     return decode.beam_search(tokens_to_logits, cache, batch_size=rows, beam_size=beam_size,
                               bos_id=bos_id, eos_id=eos_id, max_len=max_len, alpha=alpha,
                               max_len_per_row=limits_B, reorder_cache=reorder_beam_cache,
-                              vocab_major=True)
+                              vocab_major=vocab_major)
 
 
 def detokenize(tokenizer, tokens_T: np.ndarray, eos_id: int) -> str:
