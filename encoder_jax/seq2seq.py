@@ -223,15 +223,11 @@ class Decoder(nn.Module):
 
     def vocab_major_logits(self, y_NxD: jax.Array, shared) -> jax.Array:
         """`logits` transposed, (V, N) float32, as table @ final_norm(y).T: XLA:CPU runs this
-        product at 16-64 rows faster than y @ table.T (`decode` module docstring). An untied
-        kernel (D, V) is contracted on its first axis, which XLA:CPU runs 2-4x slower than
-        y @ kernel: `translate_batch` asks for this layout only with a tied output."""
+        product at 16-64 rows faster than y @ table.T (`decode` module docstring). For an
+        untied kernel (D, V) the table is its transpose, which XLA:CPU runs 2-4x slower
+        than y @ kernel: `translate_batch` asks for this layout only with a tied output."""
         y_NxD, table_VxD, bias_V = self.features(y_NxD, shared)
-        if self.output is not None:  # untied: the kernel (D, V) contracted on its first axis
-            kernel_DxV = self.output.variables["params"]["kernel"].astype(y_NxD.dtype)
-            logits_VxN = jax.lax.dot_general(kernel_DxV, y_NxD, (((0,), (1,)), ((), ())))
-        else:
-            logits_VxN = jax.lax.dot_general(table_VxD, y_NxD, (((1,), (1,)), ((), ())))
+        logits_VxN = jax.lax.dot_general(table_VxD, y_NxD, (((1,), (1,)), ((), ())))
         return logits_VxN.astype(jnp.float32) + bias_V.astype(jnp.float32)[:, None]
 
 

@@ -373,16 +373,25 @@ def test_blocked_top_k_block_sizes_and_fallbacks():
         np.testing.assert_array_equal(got, expected)
 
 
-def test_searches_over_a_large_vocabulary_are_unchanged_by_the_blocked_top_k(monkeypatch):
-    vocab, eos_id, max_len = 2048, 5, 5  # greedy: V = 2048, beam: K * V = 8192: the blocked path
-    rng = np.random.RandomState(4)
+def factorized_model(vocab: int, max_len: int, seed: int, vocab_major: bool = False):
+    """tokens_to_logits of a low-rank bigram model plus a per-position shift, for vocabularies
+    too large for `markov_table`; logits (N, V), or (V, N) if vocab_major."""
+    rng = np.random.RandomState(seed)
     embed_VxE = jnp.asarray(rng.normal(size=(vocab, 8)).astype(np.float32))
     out_ExV = jnp.asarray(rng.normal(scale=2.0, size=(8, vocab)).astype(np.float32))
     shift_TxV = jnp.asarray(rng.normal(size=(max_len, vocab)).astype(np.float32))
 
     def tokens_to_logits(ids_N, cache, index):
-        logits_NxV = embed_VxE[(ids_N + cache["prev"]) % vocab] @ out_ExV
-        return logits_NxV + shift_TxV[index][None, :], {"prev": ids_N}
+        logits_NxV = (embed_VxE[(ids_N + cache["prev"]) % vocab] @ out_ExV
+                      + shift_TxV[index][None, :])
+        return (logits_NxV.T if vocab_major else logits_NxV), {"prev": ids_N}
+
+    return tokens_to_logits
+
+
+def test_searches_over_a_large_vocabulary_are_unchanged_by_the_blocked_top_k(monkeypatch):
+    vocab, eos_id, max_len = 2048, 5, 5  # greedy: V = 2048, beam: K * V = 8192: the blocked path
+    tokens_to_logits = factorized_model(vocab, max_len, seed=4)
 
     def run():
         kwargs = dict(batch_size=3, bos_id=BOS, eos_id=eos_id, max_len=max_len)
@@ -397,9 +406,9 @@ def test_searches_over_a_large_vocabulary_are_unchanged_by_the_blocked_top_k(mon
     for got, expected in zip(blocked, plain):
         for field in ("tokens", "scores", "lengths"):
             np.testing.assert_array_equal(getattr(got, field), getattr(expected, field))
+    first_logits_NxV, _ = tokens_to_logits(jnp.full((3,), BOS), markov_cache((0, 7, 9)), 0)
     np.testing.assert_array_equal(  # lax.top_k's k = 1 is the argmax
-        plain[0].tokens[:, 0, 0], jnp.argmax(shift_TxV[0][None, :] + embed_VxE[(BOS + jnp.array(
-            [0, 7, 9])) % vocab] @ out_ExV, axis=-1))
+        plain[0].tokens[:, 0, 0], jnp.argmax(first_logits_NxV, axis=-1))
 
 
 @pytest.mark.parametrize("group,k,case", [(1, 1, "normal"), (4, 8, "normal"), (4, 8, "ties"),
@@ -422,16 +431,8 @@ def test_top_k_columns_equals_lax_top_k_of_the_transpose(group, k, case):
 
 @pytest.mark.parametrize("vocab", [11, 2048])  # lax.top_k / the blocked path
 def test_searches_read_vocab_major_logits_as_the_transposed_ones(vocab):
-    rng = np.random.RandomState(6)
-    embed_VxE = jnp.asarray(rng.normal(size=(vocab, 8)).astype(np.float32))
-    out_ExV = jnp.asarray(rng.normal(scale=2.0, size=(8, vocab)).astype(np.float32))
     eos_id, max_len = 5, 5
-
-    def model(vocab_major):
-        def tokens_to_logits(ids_N, cache, index):
-            logits_NxV = embed_VxE[(ids_N + cache["prev"] + index) % vocab] @ out_ExV
-            return (logits_NxV.T if vocab_major else logits_NxV), {"prev": ids_N}
-        return tokens_to_logits
+    model = functools.partial(factorized_model, vocab, max_len, 6)
 
     kwargs = dict(batch_size=3, bos_id=BOS, eos_id=eos_id, max_len=max_len,
                   max_len_per_row=jnp.array([2, 5, 9], jnp.int32))  # forced EOS too
