@@ -325,7 +325,7 @@ def measure_decode(config, shape: Seq2SeqShape, part: str, args: argparse.Namesp
     decode = functools.partial(
         translate.translate_batch, model, beam_size=BEAM_SIZE if part == "beam" else 1,
         alpha=tr.length_penalty, max_len=shape.new_tokens, max_len_a=tr.max_len_a,
-        max_len_b=tr.max_len_b, bos_id=BOS_ID, eos_id=EOS_ID)
+        max_len_b=tr.max_len_b, bos_id=BOS_ID, eos_id=EOS_ID, cache_blocks=tr.cache_blocks)
     t0 = time.perf_counter()
     compiled = jax.jit(decode).lower(params, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -336,7 +336,8 @@ def measure_decode(config, shape: Seq2SeqShape, part: str, args: argparse.Namesp
                             shape.batch_size * shape.new_tokens),
             "new_tokens_min": int(lengths.min()), "new_tokens_max": int(lengths.max()),
             "eos_before_last": int((tokens[:, :shape.new_tokens - 1] == EOS_ID).sum()),
-            "alpha": tr.length_penalty, "compile_s": compile_s, **extra,
+            "alpha": tr.length_penalty, "cache_blocks": tr.cache_blocks, "compile_s": compile_s,
+            **extra,
             **mlm_step.memory_analysis_mb(compiled)}
 
 

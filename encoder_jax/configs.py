@@ -139,6 +139,7 @@ class TranslateConfig:
     max_len_b: float = 1.5
     samples: int = 10  # source / reference / hypothesis triples written per evaluation
     eval_batch_size: int = 64  # sentences per decoding batch (a multiple of the device count)
+    cache_blocks: int = 8  # decode-cache blocks, one loop each: less cache read, longer compile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,7 +321,8 @@ MINIMUMS: dict[type, dict[str, float]] = {
     TranslationTokenizerConfig: {"vocab_size": 8, "target_vocab_size": 8,
                                  "character_coverage": 0.5, "max_sentences": 1},
     TranslateConfig: {"label_smoothing": 0.0, "beam_size": 1, "eval_beam_size": 1,
-                      "max_len_a": 0, "max_len_b": 0.0, "samples": 0, "eval_batch_size": 1},
+                      "max_len_a": 0, "max_len_b": 0.0, "samples": 0, "eval_batch_size": 1,
+                      "cache_blocks": 1},
     OptConfig: {"learning_rate": 0.0, "warmup_steps": 0, "end_lr_fraction": 0.0,
                 "weight_decay": 0.0, "eps": 0.0, "grad_clip_norm": 0.0, "grad_accum_steps": 1},
     TrainConfig: {"num_steps": 1, "log_every": 1, "max_steps_per_run": 1, "time_budget": 0.0},

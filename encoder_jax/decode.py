@@ -15,7 +15,11 @@ Callback contract, `tokens_to_logits(ids_N, cache, index) -> (logits_NxV, new_ca
              with no transpose).
 
 Both searches run in one `lax.while_loop` (jittable end to end, the callback is traced once)
-and return a `DecodeOutput`. `max_len` (T) bounds the generated tokens: a hypothesis that
+and return a `DecodeOutput`. With `stage_ends` (increasing positions, the last max_len) they
+run one loop per stage instead, stage s over the positions before stage_ends[s], and call
+`tokens_to_logits(ids_N, cache, index, s)` with the stage as a static int: a cache kept in
+blocks of positions lets each stage read only the blocks filled so far (the callback is
+traced once per stage). `max_len` (T) bounds the generated tokens: a hypothesis that
 reaches T tokens without EOS is cut there. `max_len_per_row` (int32 (B,), optional) bounds the
 generated tokens *including* EOS per row: the step producing token number limit (1-based) may
 only produce EOS, so `lengths <= max_len_per_row` and the row always ends with EOS when its
@@ -33,7 +37,8 @@ live beam can beat the worst finished one), with two departures, each for a reas
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
@@ -91,6 +96,31 @@ def gather_cache(cache: Any, parents_BxK: jax.Array) -> Any:
         return flatten_beam_dim(gather_beams(x_BxKxS, parents_BxK))
 
     return jax.tree.map(gather, cache)
+
+
+def _run_stages(cond: Callable[[Any], jax.Array], body: Callable[[Any, TokensToLogits], Any],
+                state: Any, tokens_to_logits: Callable, stage_ends: Sequence[int], max_len: int
+                ) -> Any:
+    """The search loop: without `stage_ends` one `while_loop` over max_len positions; with
+    them one per stage, stage s over the positions before stage_ends[s], the callback told
+    its stage."""
+    if not stage_ends:
+        return jax.lax.while_loop(lambda state: (state.index < max_len) & cond(state),
+                                  functools.partial(body, callback=tokens_to_logits), state)
+    ends = tuple(int(end) for end in stage_ends)
+    if ends[-1] != max_len or any(b <= a for a, b in zip((0, *ends), ends)):
+        raise ValueError(f"stage_ends={ends}; valid: increasing positions ending at "
+                         f"max_len={max_len}")
+    for stage, end in enumerate(ends):
+        callback = functools.partial(_call_at_stage, tokens_to_logits, stage)
+        state = jax.lax.while_loop(lambda state, end=end: (state.index < end) & cond(state),
+                                   functools.partial(body, callback=callback), state)
+    return state
+
+
+def _call_at_stage(tokens_to_logits: Callable, stage: int, ids_N: jax.Array, cache: Any,
+                   index: jax.Array) -> tuple[jax.Array, Any]:
+    return tokens_to_logits(ids_N, cache, index, stage)
 
 
 def _row_limits(max_len_per_row: ArrayLike | None, batch_size: int, max_len: int) -> jax.Array:
@@ -168,9 +198,10 @@ def _greedy_step(state: _GreedyState, tokens_to_logits: TokensToLogits, limits_B
 
 def greedy_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int, bos_id: int,
                   eos_id: int, max_len: int, max_len_per_row: ArrayLike | None = None,
-                  vocab_major: bool = False) -> DecodeOutput:
+                  vocab_major: bool = False, stage_ends: Sequence[int] = ()) -> DecodeOutput:
     """Argmax decoding of up to max_len tokens per row; stops once every row has emitted EOS.
-    With `vocab_major` the callback returns logits (V, B) instead of (B, V)."""
+    With `vocab_major` the callback returns logits (V, B) instead of (B, V); `stage_ends`
+    as in the module docstring."""
     limits_B = _row_limits(max_len_per_row, batch_size, max_len)
     seqs_BxT1 = jnp.zeros((batch_size, max_len + 1), jnp.int32).at[:, 0].set(bos_id)
     state = _GreedyState(
@@ -180,12 +211,12 @@ def greedy_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: i
         finished_B=jnp.zeros((batch_size,), bool), cache=cache)
 
     def cond(state: _GreedyState) -> jax.Array:
-        return (state.index < max_len) & ~jnp.all(state.finished_B)
+        return ~jnp.all(state.finished_B)
 
-    def body(state: _GreedyState) -> _GreedyState:
-        return _greedy_step(state, tokens_to_logits, limits_B, eos_id, vocab_major)
+    def body(state: _GreedyState, callback: TokensToLogits) -> _GreedyState:
+        return _greedy_step(state, callback, limits_B, eos_id, vocab_major)
 
-    state = jax.lax.while_loop(cond, body, state)
+    state = _run_stages(cond, body, state, tokens_to_logits, stage_ends, max_len)
     return DecodeOutput(tokens=state.seqs_BxT1[:, None, 1:], scores=state.scores_B[:, None],
                         lengths=state.lengths_B[:, None])
 
@@ -302,8 +333,8 @@ def _final_hypotheses(state: _BeamState, alpha: float) -> DecodeOutput:
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int, beam_size: int,
                 bos_id: int, eos_id: int, max_len: int, alpha: float = 0.6,
                 max_len_per_row: ArrayLike | None = None,
-                reorder_cache: ReorderCache | None = None, vocab_major: bool = False
-                ) -> DecodeOutput:
+                reorder_cache: ReorderCache | None = None, vocab_major: bool = False,
+                stage_ends: Sequence[int] = ()) -> DecodeOutput:
     """The beam_size best hypotheses per row under sum log-prob / length_penalty(length, alpha).
 
     Without `reorder_cache`, `cache` leaves have the batch dimension B first and the callback
@@ -312,7 +343,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     `reorder_cache(cache, parents_BxK)` (beam k continues parents_BxK[:, k]), e.g. by
     reordering a small table of ancestors instead of every key and value.
     A row with fewer than K possible hypotheses gets empty slots: score -inf, tokens and
-    length 0. With `vocab_major` the callback returns logits (V, B*K) instead of (B*K, V).
+    length 0. With `vocab_major` the callback returns logits (V, B*K) instead of (B*K, V);
+    `stage_ends` as in the module docstring.
     """
     limits_B = _row_limits(max_len_per_row, batch_size, max_len)
     state = _init_beam_state(cache, batch_size, beam_size, bos_id, max_len,
@@ -320,12 +352,10 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, *, batch_size: int
     reorder_cache = reorder_cache or gather_cache
 
     def cond(state: _BeamState) -> jax.Array:
-        all_done = jnp.all(_rows_done(state, limits_B, max_len, alpha))
-        return (state.index < max_len) & ~all_done
+        return ~jnp.all(_rows_done(state, limits_B, max_len, alpha))
 
-    def body(state: _BeamState) -> _BeamState:
-        return _beam_step(state, tokens_to_logits, limits_B, eos_id, alpha, reorder_cache,
-                          vocab_major)
+    def body(state: _BeamState, callback: TokensToLogits) -> _BeamState:
+        return _beam_step(state, callback, limits_B, eos_id, alpha, reorder_cache, vocab_major)
 
-    state = jax.lax.while_loop(cond, body, state)
+    state = _run_stages(cond, body, state, tokens_to_logits, stage_ends, max_len)
     return _final_hypotheses(state, alpha)

@@ -80,7 +80,8 @@ def translate_function(record: workdir_lib.ModelRecord, settings: dict[str, Any]
             model, params, {"source_ids": source_ids_BxS, "source_segment_ids": source_segment_ids_BxS},
             beam_size=settings["beam_size"], alpha=settings["length_penalty"],
             max_len=settings["max_len"], max_len_a=settings["max_len_a"],
-            max_len_b=settings["max_len_b"], bos_id=settings["bos_id"], eos_id=settings["eos_id"])
+            max_len_b=settings["max_len_b"], bos_id=settings["bos_id"], eos_id=settings["eos_id"],
+            cache_blocks=settings.get("cache_blocks", 1))
         return {"tokens": out.tokens, "scores": out.scores, "lengths": out.lengths}
 
     return translate_fn
@@ -108,7 +109,7 @@ def translate_settings(run: workdir_lib.TrainedRun, trained_config: dict[str, An
     tr = configs.section(configs.TranslateConfig, trained_config.get("translate") or {}, "translate")
     target = target_tokenizer(run) or run.tokenizer
     return {"beam_size": tr.beam_size, "length_penalty": tr.length_penalty,
-            "max_len_a": tr.max_len_a, "max_len_b": tr.max_len_b,
+            "max_len_a": tr.max_len_a, "max_len_b": tr.max_len_b, "cache_blocks": tr.cache_blocks,
             "max_len": int((trained_config.get("data") or {}).get("max_len", 64)),
             "bos_id": int(target.cls_id), "eos_id": int(target.sep_id)}
 

@@ -7,7 +7,8 @@ D hidden, N heads, H head dim, F feed-forward dim.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import itertools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -143,38 +144,51 @@ def _attend(q_BxLxNxH: jax.Array, k_BxSxNxH: jax.Array, v_BxSxNxH: jax.Array,
     return jnp.einsum("bnls,bsnh->blnh", probs_BxNxLxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
 
 
-def _write_slots(cache: jax.Array, new_RxLxNxH: jax.Array, index: jax.Array, keys: bool
-                 ) -> jax.Array:
-    """Writes the keys (or values) of the G*C hypotheses (L = 1) at position `index`: the
-    cache's position axis is position-major, hypothesis g's position t at t*G + g (keys
+def _write_slots(blocks: Sequence[jax.Array], new_RxLxNxH: jax.Array, index: jax.Array,
+                 keys: bool) -> tuple[jax.Array, ...]:
+    """Writes the keys (or values) of the G*C hypotheses (L = 1) at position `index` into
+    the last of the cache's blocks (the earlier ones hold the positions before it). The
+    position axis is position-major, hypothesis g's position t at t*G + g (keys
     (C, N, H, T*G), values (C, N, T*G, H)), so the G hypotheses of a step fill G adjacent
     entries, written in place by one update."""
-    rows, heads = cache.shape[:2]
+    axis = 3 if keys else 2
+    rows, heads = blocks[-1].shape[:2]
     group = new_RxLxNxH.shape[0] // rows
-    new_CxGxNxH = new_RxLxNxH.reshape(rows, group, heads, -1).astype(cache.dtype)
-    start = index * group
-    return jax.lax.dynamic_update_slice(cache, _heads_major(new_CxGxNxH, keys),
-                                        (0, 0, 0, start) if keys else (0, 0, start, 0))
+    new_CxGxNxH = new_RxLxNxH.reshape(rows, group, heads, -1).astype(blocks[-1].dtype)
+    start = index * group - sum(block.shape[axis] for block in blocks[:-1])
+    starts = (0, 0, 0, start) if keys else (0, 0, start, 0)
+    written = jax.lax.dynamic_update_slice(blocks[-1], _heads_major(new_CxGxNxH, keys), starts)
+    return (*blocks[:-1], written)
 
 
-def _attend_cache(q_RxLxNxH: jax.Array, k_CxNxHxS: jax.Array, v_CxNxSxH: jax.Array,
+def _blocks(cached: jax.Array | Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    return tuple(cached) if isinstance(cached, (tuple, list)) else (cached,)
+
+
+def _attend_cache(q_RxLxNxH: jax.Array, keys: Sequence[jax.Array], values: Sequence[jax.Array],
                   mask: jax.Array | None) -> jax.Array:
     """Softmax attention of R = G*C query rows over C cached rows (heads-major); (R, L, N, H).
 
-    Query row c*G + g attends over cached row c (G = 1: row over row). `mask` is per
-    cached row, (C, 1, 1 or G*L, S), broadcast over the heads (and the queries).
+    The cache comes in blocks along its entries: keys[j] (C, N, H, S_j), values[j]
+    (C, N, S_j, H), entries in block order (a decode cache only passes the blocks it has
+    filled, so no step reads or copies the rest). Query row c*G + g attends over cached
+    row c (G = 1: row over row). `mask` is per cached row, (C, 1, 1 or G*L, sum S_j),
+    broadcast over the heads (and the queries).
     """
     rows, length, heads, head_dim = q_RxLxNxH.shape
-    cached = k_CxNxHxS.shape[0]
+    cached = keys[0].shape[0]
     group = rows // cached
     q_CxNxGLxH = jnp.transpose(q_RxLxNxH.reshape(cached, group * length, heads, head_dim),
                                (0, 2, 1, 3)) * jnp.asarray(head_dim ** -0.5, q_RxLxNxH.dtype)
-    logits_CxNxGLxS = jnp.einsum("cnqh,cnhs->cnqs", q_CxNxGLxH, k_CxNxHxS,
-                                 preferred_element_type=jnp.float32)
+    logits_CxNxGLxS = jnp.concatenate(
+        [jnp.einsum("cnqh,cnhs->cnqs", q_CxNxGLxH, k_CxNxHxS, preferred_element_type=jnp.float32)
+         for k_CxNxHxS in keys], axis=-1)
     if mask is not None:  # an additive bias: XLA:CPU fuses a select into the product, 1.6x slower
         logits_CxNxGLxS = logits_CxNxGLxS + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
-    probs_CxNxGLxS = jax.nn.softmax(logits_CxNxGLxS, axis=-1).astype(v_CxNxSxH.dtype)
-    out_CxNxGLxH = jnp.einsum("cnqs,cnsh->cnqh", probs_CxNxGLxS, v_CxNxSxH)
+    probs_CxNxGLxS = jax.nn.softmax(logits_CxNxGLxS, axis=-1).astype(values[0].dtype)
+    ends = list(itertools.accumulate(v.shape[2] for v in values))
+    out_CxNxGLxH = sum(jnp.einsum("cnqs,cnsh->cnqh", probs_CxNxGLxS[..., end - v.shape[2]:end], v)
+                       for end, v in zip(ends, values))
     return jnp.transpose(out_CxNxGLxH, (0, 2, 1, 3)).reshape(rows, length, heads, head_dim)
 
 
@@ -188,7 +202,9 @@ class SelfAttention(nn.Module):
         written into `cache` {"key" (C, N, H, T*G), "value" (C, N, T*G, H)} at position
         `decode_index` of each hypothesis' slot (slot g holds entries t*G + g), and x
         attends over all T*G entries of its row under `mask` (C, 1, G, T*G), which picks
-        those of its own history; returns (out, new cache).
+        those of its own history; returns (out, new cache). The cache may also come as
+        blocks of consecutive positions, {"key": (keys_0, ...), "value": (values_0, ...)}
+        (T = their positions together): the position is written into the last block.
       `cache` alone: attends over precomputed {"key" (C, N, H, S), "value" (C, N, S, H)}
         (cross-attention decoding) with the G*C rows of x as above, so a row's hypotheses
         share one copy of the source's keys; returns (out, cache).
@@ -217,6 +233,7 @@ class SelfAttention(nn.Module):
                     "value": _heads_major(dense("value")(kv_BxSxD))}
         q_BxLxNxH = dense("query")(x_BxLxD)
         if cache is not None:
+            cache = {name: _blocks(cache[name]) for name in ("key", "value")}
             if decode_index is not None:
                 cache = {name: _write_slots(cache[name], dense(name)(x_BxLxD), decode_index,
                                             keys=name == "key")

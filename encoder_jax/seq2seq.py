@@ -21,7 +21,7 @@ from encoder_jax import errors
 from encoder_jax.layers import DecoderBlock, EncoderConfig, _kernel_init, attention_mask, layer_norm
 from encoder_jax.models import BertEncoder
 
-__all__ = ["Seq2SeqConfig", "EncoderDecoder", "reorder_beam_cache"]
+__all__ = ["Seq2SeqConfig", "EncoderDecoder", "block_ends", "reorder_beam_cache"]
 
 
 
@@ -94,14 +94,25 @@ def claim_own_slots(ancestors_BxGxT: jax.Array, index: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_slice(ancestors_BxGxT, own_BxGx1, (0, 0, index))
 
 
-def history_mask(ancestors_BxGxT: jax.Array, index: jax.Array) -> jax.Array:
-    """bool (B, 1, G, T*G): [b, 0, g, t*G + h] is true iff slot h holds position t <= index
+def history_mask(ancestors_BxGxT: jax.Array, index: jax.Array, length: int | None = None
+                 ) -> jax.Array:
+    """bool (B, 1, G, length*G): [b, 0, g, t*G + h] is true iff slot h holds position t <= index
     of hypothesis g's history (ancestors_BxGxT[b, g, t] == h); the cache's position axis
-    is position-major (`layers._write_slots`)."""
-    batch, group, length = ancestors_BxGxT.shape
+    is position-major (`layers._write_slots`). Only the first `length` positions (default
+    all T): the cache blocks a step reads."""
+    batch, group, _ = ancestors_BxGxT.shape
+    ancestors_BxGxT = ancestors_BxGxT[:, :, :length]
+    length = ancestors_BxGxT.shape[2]
     own_BxGxTxH = ancestors_BxGxT[:, :, :, None] == jnp.arange(group)[None, None, None, :]
     seen_BxGxTxH = own_BxGxTxH & (jnp.arange(length) <= index)[None, None, :, None]
     return seen_BxGxTxH.reshape(batch, 1, group, length * group)
+
+
+def block_ends(max_len: int, blocks: int) -> tuple[int, ...]:
+    """Where each of `blocks` near-equal blocks of max_len decode positions ends (at most
+    max_len blocks): the decode cache's blocks and the searches' stages."""
+    blocks = max(1, min(blocks, max_len))
+    return tuple((i + 1) * max_len // blocks for i in range(blocks))
 
 
 def reorder_beam_cache(cache: dict[str, Any], parents_BxK: jax.Array) -> dict[str, Any]:
@@ -182,16 +193,26 @@ class Decoder(nn.Module):
             y_BxTxD = block(y_BxTxD, self_mask, encoded_BxSxD, source_mask, deterministic)
         return y_BxTxD
 
-    def init_cache(self, rows: int, max_len: int, beams: int = 1) -> dict[str, Any]:
-        """Zero self-attention keys (rows, N, H, max_len * beams) and values (rows, N,
-        max_len * beams, H) per block (position t of slot g at t * beams + g), and the
-        ancestor table int32 (rows, beams, max_len): the slot holding each position of
-        each hypothesis' history (`reorder_beam_cache`)."""
+    def init_cache(self, rows: int, max_len: int, beams: int = 1, blocks: int = 1
+                   ) -> dict[str, Any]:
+        """Zero self-attention keys (rows, N, H, T * beams) and values (rows, N, T * beams, H)
+        per block (position t of slot g at t * beams + g), cut along the positions into
+        `blocks` tuples of consecutive ones (`block_ends`), and the ancestor table int32
+        (rows, beams, max_len): the slot holding each position of each hypothesis' history
+        (`reorder_beam_cache`)."""
         dec = self.config.decoder
-        values = jnp.zeros((rows, dec.num_heads, beams * max_len, dec.head_dim), dec.dtype)
-        keys = jnp.swapaxes(values, 2, 3)
+        starts = (0, *block_ends(max_len, blocks))
+
+        def zeros(length: int, keys: bool) -> jax.Array:
+            values = jnp.zeros((rows, dec.num_heads, beams * length, dec.head_dim), dec.dtype)
+            return jnp.swapaxes(values, 2, 3) if keys else values
+
+        def cut(keys: bool) -> tuple[jax.Array, ...]:
+            return tuple(zeros(end - start, keys) for start, end in zip(starts[:-1], starts[1:]))
+
         return {"ancestors": jnp.zeros((rows, beams, max_len), jnp.int32),
-                **{f"block_{i}": {"key": keys, "value": values} for i in range(dec.num_layers)}}
+                **{f"block_{i}": {"key": cut(True), "value": cut(False)}
+                   for i in range(dec.num_layers)}}
 
     def source_cache(self, encoded_BxSxD: jax.Array) -> dict[str, Any]:
         """Per block: the source's cross-attention keys (B, N, H, S) and values (B, N, S, H)."""
@@ -200,23 +221,34 @@ class Decoder(nn.Module):
 
     def step(self, ids_N: jax.Array, cache: dict[str, Any], index: jax.Array,
              source_cache: dict[str, Any], source_segment_ids_BxS: jax.Array, shared,
-             vocab_major: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+             vocab_major: bool = False, stage: int = 0) -> tuple[jax.Array, dict[str, Any]]:
         """One token per hypothesis at position `index`: (logits (N, V), or (V, N) if
         vocab_major, new cache).
 
         N = B*G: the cache's G hypotheses of each of its B rows, hypothesis g of row b at b*G + g.
+        `index` lies in the cache's block `stage` (static): the step reads blocks 0..stage
+        only, so a search that runs one loop per block (`decode`'s `stage_ends`) reads
+        about half the cache on average instead of all of it.
         """
+        blocks = len(cache["block_0"]["key"])
+        if not 0 <= stage < blocks:
+            raise ValueError(f"stage={stage}; valid: 0..{blocks - 1} (the cache's blocks)")
         rows = ids_N.shape[0]
         ancestors_BxGxT = claim_own_slots(cache["ancestors"], index)
         y_Nx1xD = self.embed(ids_N[:, None], jnp.full((rows, 1), index), shared, True)
-        self_mask = history_mask(ancestors_BxGxT, index)
+        read = stage + 1
+        read_entries = sum(keys.shape[3] for keys in cache["block_0"]["key"][:read])
+        self_mask = history_mask(ancestors_BxGxT, index, read_entries // ancestors_BxGxT.shape[1])
         source_mask = (source_segment_ids_BxS > 0)[:, None, None, :]
         new_cache = {"ancestors": ancestors_BxGxT}
         for i, block in enumerate(self.blocks):
             name = f"block_{i}"
-            y_Nx1xD, new_cache[name] = block(y_Nx1xD, self_mask, None, source_mask, True,
-                                             cache=cache[name], decode_index=index,
-                                             source_cache=source_cache[name])
+            read_cache = {part: cache[name][part][:read] for part in ("key", "value")}
+            y_Nx1xD, written = block(y_Nx1xD, self_mask, None, source_mask, True,
+                                     cache=read_cache, decode_index=index,
+                                     source_cache=source_cache[name])
+            new_cache[name] = {part: (*written[part], *cache[name][part][read:])
+                               for part in ("key", "value")}
         if not vocab_major:
             return self.logits(y_Nx1xD, shared)[:, 0], new_cache
         return self.vocab_major_logits(y_Nx1xD[:, 0], shared), new_cache
@@ -286,9 +318,11 @@ class EncoderDecoder(nn.Module):
         return self.decoder.hidden(target_in_BxT, encoded_BxSxD, source_segment_ids_BxS,
                                    target_segment_ids_BxT, self.encoder, deterministic)
 
-    def init_cache(self, rows: int, max_len: int, beams: int = 1) -> dict[str, Any]:
-        """The decode cache for `max_len` target positions of `beams` hypotheses per row."""
-        return self.decoder.init_cache(rows, max_len, beams)
+    def init_cache(self, rows: int, max_len: int, beams: int = 1, blocks: int = 1
+                   ) -> dict[str, Any]:
+        """The decode cache for `max_len` target positions of `beams` hypotheses per row,
+        in `blocks` blocks of positions (`Decoder.init_cache`)."""
+        return self.decoder.init_cache(rows, max_len, beams, blocks)
 
     def source_cache(self, encoded_BxSxD: jax.Array) -> dict[str, Any]:
         """The decoder's cross-attention keys/values of an encoded source, computed once per decode."""
@@ -296,13 +330,15 @@ class EncoderDecoder(nn.Module):
 
     def decode_step(self, ids_N: jax.Array, cache: dict[str, Any], index: jax.Array,
                     source_cache: dict[str, Any], source_segment_ids_BxS: jax.Array,
-                    vocab_major: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+                    vocab_major: bool = False, stage: int = 0
+                    ) -> tuple[jax.Array, dict[str, Any]]:
         """The cached decoder on one token per row: (logits (N, V) float32, or (V, N) if
         vocab_major, new cache).
 
         N = B*G: the cache's G hypotheses (beams) per source row, hypothesis g of source b
         at b*G + g; they share the source's cross-attention keys/values (`source_cache`, B
-        rows). Beam search reorders hypotheses with `reorder_beam_cache`.
+        rows). Beam search reorders hypotheses with `reorder_beam_cache`. `index` must lie
+        in the cache's block `stage` (`Decoder.step`).
         """
         return self.decoder.step(ids_N, cache, index, source_cache, source_segment_ids_BxS,
-                                 self.encoder, vocab_major)
+                                 self.encoder, vocab_major, stage)

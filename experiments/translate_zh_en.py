@@ -114,6 +114,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.translate.max_len_b = 1.5
     c.translate.samples = 10
     c.translate.eval_batch_size = 64
+    # Decode-cache blocks, one search loop each: a step reads only the filled blocks (beam 4
+    # at the Marian shape: ~10% faster with 8), but each block compiles its own loop.
+    c.translate.cache_blocks = 1 if small else 8
 
     c.opt = ml_collections.ConfigDict()
     c.opt.name = "adamw"

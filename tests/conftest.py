@@ -80,6 +80,9 @@ def pytest_configure(config):
         import tempfile
 
         os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="encoder_jax_jit_cache_")
+    # The tests run tiny programs, so compiling dominates: XLA skips its expensive
+    # optimisation passes (for the workers and subprocesses too), about a fifth of the wall time.
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
     import jax
 
     jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -443,3 +443,28 @@ def test_searches_read_vocab_major_logits_as_the_transposed_ones(vocab):
         np.testing.assert_array_equal(vocab_major.tokens, plain.tokens)
         np.testing.assert_array_equal(vocab_major.lengths, plain.lengths)
         np.testing.assert_allclose(vocab_major.scores, plain.scores, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SEARCHES))
+def test_staged_searches_equal_one_loop_and_tell_each_step_its_stage(name):
+    search, model, seen = SEARCHES[name], markov_model(RANDOM_TABLE), []
+
+    def staged_model(ids_N, cache, index, stage):
+        jax.debug.callback(lambda i, s=stage: seen.append((int(i), s)), index)
+        return model(ids_N, cache, index)
+
+    kwargs = dict(batch_size=3, bos_id=BOS, eos_id=RANDOM["eos_id"], max_len=RANDOM["max_len"],
+                  max_len_per_row=jnp.array([3, 6, 5], jnp.int32))
+    cache = markov_cache(RANDOM_CONTEXTS)
+    one_loop = search(model, cache, **kwargs)
+    staged = jax.jit(lambda cache: search(staged_model, cache, stage_ends=(1, 4, 6), **kwargs))(cache)
+    jax.effects_barrier()
+    for field in ("tokens", "lengths", "scores"):
+        np.testing.assert_array_equal(getattr(staged, field), getattr(one_loop, field))
+    stage_of = {0: 0, 1: 1, 2: 1, 3: 1, 4: 2, 5: 2}  # positions before 1, 4 and 6
+    assert seen and all(stage == stage_of[index] for index, stage in seen), seen
+    assert sorted(index for index, _ in seen) == list(range(len(seen)))  # each position once
+    for bad in ((2, 5), (3, 3, 6), (4, 2, 6), ()):
+        if bad:
+            with pytest.raises(ValueError, match=r"stage_ends=.*ending at max_len=6"):
+                search(staged_model, cache, stage_ends=bad, **kwargs)

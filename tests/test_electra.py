@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from encoder_jax import checkpoint, configs, electra, pretrained, train
 from encoder_jax.layers import EncoderConfig
@@ -58,6 +59,9 @@ def test_generator_and_discriminator_share_the_embeddings_and_both_train_them():
     assert norm(grads["encoder"]["block_0"]) > 0 and norm(grads["rtd_output"]) > 0
 
 
+# End to end (about a minute on 2 cores): -m slow. The shared embeddings, both losses and their
+# gradients are checked in process above.
+@pytest.mark.slow
 def test_electra_trains_through_the_trainer_and_leaves_its_discriminator_as_the_encoder(
         corpus_files, data_cache, tmp_path):
     """The generator learns and replaces what it gets wrong; whether the discriminator beats the

@@ -7,7 +7,7 @@ import pytest
 
 from encoder_jax import decode
 from encoder_jax.layers import EncoderConfig
-from encoder_jax.seq2seq import EncoderDecoder, Seq2SeqConfig, reorder_beam_cache
+from encoder_jax.seq2seq import EncoderDecoder, Seq2SeqConfig, block_ends, reorder_beam_cache
 
 
 def make(share=False, tie=True, pre_norm=True, vocab=(50, 40)):
@@ -155,9 +155,16 @@ def test_beam_search_on_the_ancestor_cache_equals_gathering_every_key_and_value(
     gathered = decode.beam_search(
         step_fn(tiled, jnp.repeat(seg, beams, axis=0)),
         model.apply(variables, batch, 7, method=EncoderDecoder.init_cache), **search)
-    np.testing.assert_array_equal(ancestors.tokens, gathered.tokens)
-    np.testing.assert_array_equal(ancestors.lengths, gathered.lengths)
-    np.testing.assert_allclose(ancestors.scores, gathered.scores, atol=1e-5)
+    # The cache in 3 blocks of positions, one search loop per block (as translate_batch).
+    staged = decode.beam_search(
+        lambda ids, cache, i, stage: model.apply(variables, ids, cache, i, shared, seg, False,
+                                                 stage, method=EncoderDecoder.decode_step),
+        model.apply(variables, batch, 7, beams, 3, method=EncoderDecoder.init_cache),
+        reorder_cache=reorder_beam_cache, stage_ends=block_ends(7, 3), **search)
+    for other in (gathered, staged):
+        np.testing.assert_array_equal(ancestors.tokens, other.tokens)
+        np.testing.assert_array_equal(ancestors.lengths, other.lengths)
+        np.testing.assert_allclose(ancestors.scores, other.scores, atol=1e-5)
     assert len({tuple(np.asarray(t)) for t in ancestors.tokens[0]}) == beams  # distinct beams
 
 
@@ -218,3 +225,31 @@ def test_translate_batch_exports_with_a_symbolic_batch_on_the_blocked_top_k_path
     seg = (source != 0).astype(jnp.int32)
     for got, expected in zip(exported.call(params, source, seg), jax.jit(run)(params, source, seg)):
         np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_a_cache_in_blocks_read_stage_by_stage_equals_the_full_forward_pass():
+    model, params, source, target = make(False, True, True, (50, 40))
+    variables = {"params": params}
+    full = model.apply(variables, source, target)
+    encoded = model.apply(variables, source, method=EncoderDecoder.encode)
+    source_cache = model.apply(variables, encoded, method=EncoderDecoder.source_cache)
+    seg = (source != 0).astype(jnp.int32)
+    ends = block_ends(target.shape[1], 3)
+    assert ends == (2, 4, 6) and block_ends(5, 9) == (1, 2, 3, 4, 5)
+    cache = model.apply(variables, source.shape[0], target.shape[1], 1, 3,
+                        method=EncoderDecoder.init_cache)
+    assert [k.shape[-1] for k in cache["block_0"]["key"]] == [2, 2, 2]
+    assert [v.shape[-2] for v in cache["block_0"]["value"]] == [2, 2, 2]
+    step = jax.jit(lambda ids, cache, i, stage: model.apply(
+        variables, ids, cache, i, source_cache, seg, True, stage,
+        method=EncoderDecoder.decode_step), static_argnums=3)
+    steps = []
+    for i in range(target.shape[1]):
+        stage = next(s for s, end in enumerate(ends) if i < end)
+        before = cache
+        logits_VxN, cache = step(target[:, i], cache, jnp.asarray(i), stage)
+        steps.append(logits_VxN.T)
+        for name in ("key", "value"):  # a step writes its own block only
+            for j, (old, new) in enumerate(zip(before["block_1"][name], cache["block_1"][name])):
+                assert bool(jnp.any(old != new)) == (j == stage), (i, name, j)
+    assert float(jnp.abs(jnp.stack(steps, 1) - full).max()) <= 1e-5

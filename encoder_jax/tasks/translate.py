@@ -24,9 +24,10 @@ import numpy as np
 from encoder_jax import errors
 from encoder_jax import configs, decode, losses, metrics, pretrained as pretrained_lib, reporting
 from encoder_jax import workdir as workdir_lib
+from encoder_jax.artifact import detokenize
 from encoder_jax.data import batching, sources, tokenizer as tokenizer_lib
 from encoder_jax.data import translation as data_lib
-from encoder_jax.seq2seq import EncoderDecoder, Seq2SeqConfig, reorder_beam_cache
+from encoder_jax.seq2seq import EncoderDecoder, Seq2SeqConfig, block_ends, reorder_beam_cache
 from encoder_jax.tasks.base import Task, stateless
 
 log = logging.getLogger("encoder_jax")
@@ -155,44 +156,38 @@ def target_weights(batch: dict[str, jax.Array]) -> jax.Array:
 
 def translate_batch(model: EncoderDecoder, params, batch: dict[str, jax.Array], *, beam_size: int,
                     alpha: float, max_len: int, max_len_a: int, max_len_b: float,
-                    bos_id: int, eos_id: int) -> decode.DecodeOutput:
-    """Beam search (greedy for beam 1) over a batch of sources; pure, jittable."""
+                    bos_id: int, eos_id: int, cache_blocks: int = 1) -> decode.DecodeOutput:
+    """Beam search (greedy for beam 1) over a batch of sources; pure, jittable. The
+    self-attention cache is cut into `cache_blocks` blocks of positions, one search loop
+    each, so a step reads only the blocks filled so far (`decode`'s `stage_ends`)."""
     variables = {"params": params}
     source_seg_BxS = batch["source_segment_ids"]
     encoded_BxSxD = model.apply(variables, batch["source_ids"], source_seg_BxS,
                                 method=EncoderDecoder.encode)
     source_cache = model.apply(variables, encoded_BxSxD, method=EncoderDecoder.source_cache)
     rows = batch["source_ids"].shape[0]
-    cache = model.apply(variables, rows, max_len, beam_size, method=EncoderDecoder.init_cache)
+    stage_ends = block_ends(max_len, cache_blocks)
+    cache = model.apply(variables, rows, max_len, beam_size, len(stage_ends),
+                        method=EncoderDecoder.init_cache)
     limits_B = decode.max_lengths((source_seg_BxS > 0).sum(-1), max_len_a, max_len_b, max_len)
     vocab_major = model.config.tie_output  # (V, N) logits: faster tied, slower untied on CPU
 
-    def tokens_to_logits(ids_N, cache, index):  # the source's keys/values stay out of the loop state
+    def tokens_to_logits(ids_N, cache, index, stage):  # the source's keys/values stay out of the loop
         return model.apply(variables, ids_N, cache, index, source_cache, source_seg_BxS,
-                           vocab_major, method=EncoderDecoder.decode_step)
+                           vocab_major, stage, method=EncoderDecoder.decode_step)
 
+    search = dict(batch_size=rows, bos_id=bos_id, eos_id=eos_id, max_len=max_len,
+                  max_len_per_row=limits_B, vocab_major=vocab_major, stage_ends=stage_ends)
     if beam_size == 1:
-        return decode.greedy_search(tokens_to_logits, cache, batch_size=rows, bos_id=bos_id,
-                                    eos_id=eos_id, max_len=max_len, max_len_per_row=limits_B,
-                                    vocab_major=vocab_major)
-    return decode.beam_search(tokens_to_logits, cache, batch_size=rows, beam_size=beam_size,
-                              bos_id=bos_id, eos_id=eos_id, max_len=max_len, alpha=alpha,
-                              max_len_per_row=limits_B, reorder_cache=reorder_beam_cache,
-                              vocab_major=vocab_major)
-
-
-def detokenize(tokenizer, tokens_T: np.ndarray, eos_id: int) -> str:
-    """Generated ids up to (not including) EOS, as text."""
-    ids = [int(t) for t in tokens_T]
-    if eos_id in ids:
-        ids = ids[:ids.index(eos_id)]
-    return tokenizer.decode([i for i in ids if i != 0])
+        return decode.greedy_search(tokens_to_logits, cache, **search)
+    return decode.beam_search(tokens_to_logits, cache, beam_size=beam_size, alpha=alpha,
+                              reorder_cache=reorder_beam_cache, **search)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluation_hooks(workdir, eval_examples, eval_source, target_tok, eos_id: int, rows: int,
+def evaluation_hooks(workdir, eval_examples, eval_source, target_tok, rows: int,
                      pad_lengths, samples: int, shard_index: int, shard_count: int):
     """eval_batches, summarize_eval (BLEU, chrF, teacher-forced loss) and on_eval (translations file)."""
     references = [eval_source[i]["target"] for i in range(len(eval_source))]
@@ -207,7 +202,7 @@ def evaluation_hooks(workdir, eval_examples, eval_source, target_tok, eos_id: in
         out = metrics.collect_outputs(outputs)
         hypotheses = [""] * len(references)
         for index, tokens_T in zip(out["index"], out["tokens"]):
-            hypotheses[int(index)] = detokenize(target_tok, tokens_T, eos_id)
+            hypotheses[int(index)] = detokenize(target_tok, tokens_T)
         scores = metrics.bleu_chrf(hypotheses, references)
         cache["last"] = (hypotheses, scores)
         sums = {k: float(out[k].sum()) for k in ("loss", "nll", "accuracy", "denominator")}
@@ -274,7 +269,8 @@ def model_functions(model: EncoderDecoder, tr: configs.TranslateConfig, max_len:
         del model_state
         out = translate_batch(model, params, batch, beam_size=tr.eval_beam_size,
                               alpha=tr.length_penalty, max_len=max_len, max_len_a=tr.max_len_a,
-                              max_len_b=tr.max_len_b, bos_id=bos_id, eos_id=eos_id)
+                              max_len_b=tr.max_len_b, bos_id=bos_id, eos_id=eos_id,
+                              cache_blocks=tr.cache_blocks)
         return {**row_sums(params, batch, rng, False), "tokens": out.tokens[:, 0],
                 "index": batch["index"], "weight": batch["weight"]}
 
@@ -328,7 +324,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
         init_from=init_from if wants_pretrained else None, eval_fn=eval_fn,
         batch_rows={"data.batch_multiple": data_cfg.batch_multiple // shard_count,
                     "translate.eval_batch_size": tr.eval_batch_size // shard_count},
-        **evaluation_hooks(workdir, eval_examples, eval_source, target_tok, target_tok.sep_id,
+        **evaluation_hooks(workdir, eval_examples, eval_source, target_tok,
                            tr.eval_batch_size, pad_lengths, tr.samples, shard_index,
                            shard_count))
 
@@ -372,7 +368,7 @@ def predict(config, run: workdir_lib.TrainedRun) -> str:
     translate = jax.jit(lambda params, batch: translate_batch(
         model, params, batch, beam_size=beam, alpha=tr.length_penalty, max_len=data_cfg.max_len,
         max_len_a=tr.max_len_a, max_len_b=tr.max_len_b, bos_id=target_tok.cls_id,
-        eos_id=target_tok.sep_id))
+        eos_id=target_tok.sep_id, cache_blocks=tr.cache_blocks))
     results: dict[int, list[tuple[str, float]]] = {}
     batches = data_lib.eval_batches(examples, global_batch_rows=pred_cfg.batch_size,
                                     pad_lengths=batching.make_pad_lengths(data_cfg.pad_lengths,
@@ -383,7 +379,7 @@ def predict(config, run: workdir_lib.TrainedRun) -> str:
         for row, index in enumerate(batch["index"]):
             if batch["weight"][row] > 0:
                 results[int(index)] = [
-                    (detokenize(target_tok, out.tokens[row, k], target_tok.sep_id),
+                    (detokenize(target_tok, out.tokens[row, k]),
                      float(out.scores[row, k])) for k in range(min(pred_cfg.nbest, beam))]
     output = pred_cfg.output or workdir_lib.path(run.workdir, "predictions.txt")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
