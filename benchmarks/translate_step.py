@@ -349,6 +349,8 @@ def run_one(shape_name: str, part: str, args: argparse.Namespace) -> dict[str, A
 
     rss_import = common.current_rss_bytes()
     config = benchmark_config(args.config_variant, shape, args.attention_dropout)
+    if args.cache_blocks:
+        config.translate.cache_blocks = args.cache_blocks
     fields = (measure_train(config, shape, args) if part == "train"
               else measure_decode(config, shape, part, args))
     return {**base_record("jax", shape_name, part, shape), **fields, "settings": settings(config),
@@ -362,6 +364,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = base_parser(__doc__)
     p.add_argument("--config_variant", default="wmt",
                    help="experiments/translate_zh_en.py variant for the optimizer, loss and model settings")
+    p.add_argument("--cache_blocks", type=int, default=0,
+                   help="decode-cache blocks for greedy / beam (0: the variant's translate.cache_blocks)")
     p.add_argument("--xla_flags", default=None,
                    help=f"XLA_FLAGS for the measured process (default: $XLA_FLAGS, else "
                         f"{mlm_step.DEFAULT_XLA_FLAGS!r})")

@@ -364,7 +364,8 @@ def test_merge_params_checks_shapes():
 # ----------------------------------------------------------------------------- end to end
 
 
-# End to end through the trainer: -m slow. Import, export and parity are checked piecewise above.
+# End to end through the trainer: -m slow. Import, export and parity are checked piecewise
+# above; init_from_hf through the trainer in test_classification_from_an_mlm_run_continued_from_hf.
 @pytest.mark.slow
 def test_mlm_continues_from_hf_then_exports(corpus_files, data_cache, tmp_path):
     """init_from_hf through the trainer, two steps, CLI export: Hugging Face gives our logits."""
@@ -567,8 +568,6 @@ def test_classification_fine_tunes_from_hf_through_launch_and_predicts(tmp_path)
     assert all(abs(sum(x["probabilities"].values()) - 1) < 1e-4 for x in lines)
 
 
-# End to end (HF -> MLM -> classification): -m slow; each hop has its own test.
-@pytest.mark.slow
 def test_classification_from_an_mlm_run_continued_from_hf(corpus_files, data_cache, tmp_path):
     """init_from an init_from_hf MLM run: shape from its model.json, its vocab.txt, its encoder."""
     from encoder_jax import checkpoint, train
