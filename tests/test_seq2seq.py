@@ -200,11 +200,13 @@ def test_dropout_is_active_only_in_training(seq2seq):
                                   model.apply({"params": params}, source, target))
 
 
-@pytest.mark.parametrize("beam_size,tie", [(1, True), (4, True), (4, False)])
-def test_translate_batch_exports_with_a_symbolic_batch_on_the_blocked_top_k_path(beam_size, tie):
+@pytest.mark.parametrize("beam_size,tie,cache_blocks", [(1, True, 1), (4, True, 3), (4, False, 1)])
+def test_translate_batch_exports_with_a_symbolic_batch_on_the_blocked_top_k_path(beam_size, tie,
+                                                                                 cache_blocks):
     """A 4,096-token vocabulary takes topk's blocked path (vocabulary-major logits when the
     output is tied, (N, V) when not); jax.export must accept it with a symbolic batch (the
-    deployment artifact) and agree with the jitted call."""
+    deployment artifact) and agree with the jitted call, also with the decode cache in
+    blocks (one search loop each)."""
     from jax import export
 
     from encoder_jax import topk
@@ -216,7 +218,8 @@ def test_translate_batch_exports_with_a_symbolic_batch_on_the_blocked_top_k_path
     def run(params, ids, seg):
         out = translate.translate_batch(
             model, params, {"source_ids": ids, "source_segment_ids": seg}, beam_size=beam_size,
-            alpha=0.6, max_len=6, max_len_a=5, max_len_b=1.2, bos_id=2, eos_id=3)
+            alpha=0.6, max_len=6, max_len_a=5, max_len_b=1.2, bos_id=2, eos_id=3,
+            cache_blocks=cache_blocks)
         return out.tokens, out.scores
 
     batch, length = export.symbolic_shape("b, l", constraints=["l <= 16"])
