@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from encoder_jax import errors
 from encoder_jax import configs, decode, losses, metrics, pretrained as pretrained_lib, reporting
