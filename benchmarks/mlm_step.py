@@ -105,7 +105,8 @@ def build_task(config, shape: common.Shape):
 
 
 def compile_train_step(task, config, num_steps: int):
-    """Initial state and the compiled train step, jitted as `encoder_jax.train.run` does."""
+    """Initial state and the compiled train step, jitted and compiled as `encoder_jax.train.run`
+    does (explicit shardings, donated state, `parallel.compile_step` with `train.cpu_scheduler`)."""
     import jax
 
     from encoder_jax import configs, optim, parallel, train
@@ -123,9 +124,10 @@ def compile_train_step(task, config, num_steps: int):
     step_fn = train.make_train_step(task, tx, schedule, opt_cfg.grad_accum_steps)
     example = parallel.put_batch(task.example_batch, batch_sharding)
     t0 = time.perf_counter()
-    compiled = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, None),
-                       out_shardings=(shardings, None), donate_argnums=0
-                       ).lower(state, example, train_key).compile()
+    lowered = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, None),
+                      out_shardings=(shardings, None), donate_argnums=0).lower(state, example, train_key)
+    compiled = parallel.compile_step(lowered, configs.section(configs.TrainConfig, config.train,
+                                                              "train").cpu_scheduler)
     compile_s = time.perf_counter() - t0
     parallel.release_freed_host_memory()  # as train.run does after compiling
     return compiled, state, train_key, batch_sharding, compile_s

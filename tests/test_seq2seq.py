@@ -1,5 +1,7 @@
 """The encoder-decoder model: causality, masks that do not leak, the decode cache, weight tying."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -256,3 +258,32 @@ def test_a_cache_in_blocks_read_stage_by_stage_equals_the_full_forward_pass():
             for j, (old, new) in enumerate(zip(before["block_1"][name], cache["block_1"][name])):
                 assert bool(jnp.any(old != new)) == (j == stage), (i, name, j)
     assert float(jnp.abs(jnp.stack(steps, 1) - full).max()) <= 1e-5
+
+
+def test_remat_mlp_keeps_params_loss_and_gradients_and_recomputes_the_activation():
+    """remat="mlp" (encoder and decoder feed-forwards): the same parameter tree, loss and
+    gradients as no remat, and the backward pass holds fewer (B, L, F) activations."""
+    model, params, source, target = make()
+    cfg = model.config
+    remat = EncoderDecoder(dataclasses.replace(
+        cfg, encoder=dataclasses.replace(cfg.encoder, remat="mlp")))
+    assert remat.config.decoder.remat == "mlp"
+    assert jax.tree_util.tree_structure(remat.init(jax.random.key(0), source, target)["params"]) \
+        == jax.tree_util.tree_structure(params)
+
+    def loss(m):
+        return lambda p: jnp.mean(m.apply({"params": p}, source, target, deterministic=False,
+                                          rngs={"dropout": jax.random.key(3)}) ** 2)
+
+    (base_loss, base_grads), (remat_loss, remat_grads) = (
+        jax.value_and_grad(loss(m))(params) for m in (model, remat))
+    np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                           remat_grads, base_grads)
+
+    def saved_hidden_activations(m):  # residuals of the forward pass with the feed-forward width
+        _, vjp = jax.vjp(loss(m), params)
+        return sum(x.ndim == 3 and x.shape[-1] == cfg.encoder.mlp_dim
+                   for x in jax.tree_util.tree_leaves(vjp))
+
+    assert saved_hidden_activations(remat) < saved_hidden_activations(model)

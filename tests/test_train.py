@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from encoder_jax import checkpoint, optim, train
+from encoder_jax import checkpoint, configs, errors, optim, parallel, train
 
 from conftest import ROOT, tiny_config
 
@@ -230,6 +230,41 @@ def test_weight_decay_skips_biases_and_layer_norm():
                              "output_bias": 0})
     assert mask == {"block": {"mlp": {"kernel": True, "bias": False},
                               "mlp_norm": {"scale": False, "bias": False}}, "output_bias": False}
+
+
+def _mlp_grad_lowered():
+    """A jitted gradient of a 3-layer MLP (enough buffers for the schedulers to differ)."""
+    def loss(ws, x):
+        for w in ws:
+            x = jax.nn.gelu(x @ w)
+        return (x ** 2).mean()
+
+    ws = [jax.random.normal(jax.random.key(i), (256, 256)) / 16 for i in range(3)]
+    x = jax.random.normal(jax.random.key(9), (512, 256))
+    return jax.jit(jax.grad(loss)).lower(ws, x), (ws, x)
+
+
+def test_the_memory_scheduler_computes_the_same_step_in_less_memory():
+    lowered, args = _mlp_grad_lowered()
+    memory, concurrency = (parallel.compile_step(lowered, s) for s in ("memory", "concurrency"))
+    for a, b in zip(memory(*args), concurrency(*args)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert (memory.memory_analysis().temp_size_in_bytes
+            < concurrency.memory_analysis().temp_size_in_bytes)
+
+
+def test_a_jaxlib_without_the_scheduler_options_compiles_with_its_defaults(caplog):
+    class Lowered:  # a jaxlib that knows none of CPU_SCHEDULER_OPTIONS
+        def compile(self, options=None):
+            if options:
+                raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: No such compile option: 'x'")
+            return "compiled with defaults"
+
+    assert parallel.compile_step(Lowered(), "memory") == "compiled with defaults"
+    assert "train.cpu_scheduler=memory" in caplog.text
+    with pytest.raises(errors.ConfigError, match=r"train.cpu_scheduler='fast'; valid: \['memory', "
+                                                 r"'concurrency'\]"):
+        configs.section(configs.TrainConfig, {"cpu_scheduler": "fast"}, "train")
 
 
 def test_schedule_warms_up_then_decays():
