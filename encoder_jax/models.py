@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from encoder_jax import errors, wide
-from encoder_jax.layers import (ACTIVATIONS, EncoderBlock, EncoderConfig,
+from encoder_jax.layers import (ACTIVATIONS, Dropout, EncoderBlock, EncoderConfig,
                                 _kernel_init, attention_mask, layer_norm)
 
 __all__ = ["EncoderConfig", "BertEncoder", "BertForMaskedLM", "BertForClassification"]
@@ -63,7 +63,7 @@ class BertEncoder(nn.Module):
         # fastText-style hashed bigrams: extra lexical capacity without a larger vocabulary.
         self.bigram_embed = embed(cfg.bigram_buckets, "bigram_embed") if cfg.bigram_buckets else None
         self.embed_norm = layer_norm(cfg, "embed_norm")
-        self.embed_dropout = nn.Dropout(cfg.dropout_rate)
+        self.embed_dropout = Dropout(cfg.dropout_rate, cfg.dropout_rng)
         block = nn.remat(EncoderBlock, static_argnums=(3,)) if cfg.remat == "block" else EncoderBlock
         self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
         self.final_norm = layer_norm(cfg, "final_norm") if cfg.pre_norm else None
@@ -182,7 +182,7 @@ class BertForClassification(nn.Module):
             weights_BxLx1 = real_BxL[..., None].astype(jnp.float32)
             pooled_BxD = ((hidden_BxLxD.astype(jnp.float32) * weights_BxLx1).sum(1)
                           / jnp.maximum(weights_BxLx1.sum(1), 1.0))
-        pooled_BxD = nn.Dropout(cfg.dropout_rate)(pooled_BxD, deterministic=deterministic)
+        pooled_BxD = Dropout(cfg.dropout_rate, cfg.dropout_rng)(pooled_BxD, deterministic=deterministic)
         logits_BxC = nn.Dense(self.num_classes, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                               kernel_init=_kernel_init(cfg), name="classifier")(pooled_BxD)
         deep_BxC = logits_BxC.astype(jnp.float32)

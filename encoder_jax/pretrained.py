@@ -35,8 +35,8 @@ log = logging.getLogger("encoder_jax")
 Params = dict[str, Any]
 INIT_FIELDS = ("init_from", "init_from_hf")  # config fields naming a pretrained encoder
 # config.model fields that describe training, not the checkpoint's shape: taken from the experiment.
-RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "remat", "dtype", "param_dtype",
-                  "use_pooler")
+RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "remat", "dropout_rng", "dtype",
+                  "param_dtype", "use_pooler")
 SHAPE_FIELDS = ("hidden_dim", "num_layers", "num_heads", "mlp_dim", "max_len", "type_vocab_size",
                 "activation", "layer_norm_eps", "pre_norm", "bigram_buckets")
 

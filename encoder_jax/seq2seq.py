@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from encoder_jax import errors
-from encoder_jax.layers import DecoderBlock, EncoderConfig, _kernel_init, attention_mask, layer_norm
+from encoder_jax.layers import (DecoderBlock, Dropout, EncoderConfig, _kernel_init, attention_mask,
+                                layer_norm)
 from encoder_jax.models import BertEncoder
 
 __all__ = ["Seq2SeqConfig", "EncoderDecoder", "block_ends", "reorder_beam_cache"]
@@ -136,7 +137,7 @@ class Decoder(nn.Module):
         self.token_embed = None if cfg.share_embeddings else embed(dec.vocab_size, "token_embed")
         self.position_embed = embed(dec.max_len, "position_embed")
         self.embed_norm = layer_norm(dec, "embed_norm")
-        self.embed_dropout = nn.Dropout(dec.dropout_rate)
+        self.embed_dropout = Dropout(dec.dropout_rate, dec.dropout_rng)
         self.blocks = [DecoderBlock(dec, name=f"block_{i}") for i in range(dec.num_layers)]
         self.final_norm = layer_norm(dec, "final_norm") if dec.pre_norm else None
         self.output = None if cfg.tie_output else nn.Dense(

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from encoder_jax.layers import (EncoderBlock, EncoderConfig, FeedForward, SelfAttention,
+from encoder_jax.layers import (Dropout, EncoderBlock, EncoderConfig, FeedForward, SelfAttention,
                                 attention_mask, layer_norm, residual)
 from encoder_jax import errors
 from encoder_jax.models import BertEncoder, BertForClassification, BertForMaskedLM, bigram_buckets
@@ -162,6 +162,24 @@ def test_remat_modes_read_old_booleans_and_reject_unknown_ones():
     assert EncoderConfig.from_json({**CFG.to_json(), "remat": True}).remat == "block"
     with pytest.raises(errors.ConfigError, match=r"model.remat='ffn'; valid: \['none', 'block', 'mlp'\]"):
         EncoderConfig(**{**CFG.__dict__, "remat": "ffn"})
+
+
+def test_dropout_threefry_is_flax_dropout_and_rbg_drops_at_its_rate():
+    import flax.linen as nn
+
+    x = jnp.ones((200, 500))
+    rngs = lambda seed: {"dropout": jax.random.key(seed)}
+    ours = Dropout(0.1).apply({}, x, False, rngs=rngs(0))
+    np.testing.assert_array_equal(ours, nn.Dropout(0.1).apply({}, x, False, rngs=rngs(0)))
+    rbg = lambda seed: Dropout(0.1, "rbg").apply({}, x, False, rngs=rngs(seed))
+    out = rbg(0)
+    np.testing.assert_array_equal(out, rbg(0))  # one key, one mask
+    assert not np.array_equal(out, rbg(1)) and not np.array_equal(out, ours)
+    assert abs(float((out == 0).mean()) - 0.1) < 0.005  # 100,000 draws
+    assert abs(float(out.mean()) - 1.0) < 0.01  # inverted: the expectation is kept
+    np.testing.assert_array_equal(Dropout(0.1, "rbg").apply({}, x, True), x)
+    with pytest.raises(errors.ConfigError, match=r"model.dropout_rng='philox'; valid: \['threefry', 'rbg'\]"):
+        EncoderConfig(**{**CFG.__dict__, "dropout_rng": "philox"})
 
 
 def test_residual_puts_the_norm_before_the_sublayer_or_after_the_sum():
