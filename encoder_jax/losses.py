@@ -55,9 +55,9 @@ def _chunk_length(length: int, rows: int, target_rows: int) -> int:
 
 
 def _chunk_sums(h_BxCxD, table_VxD, bias_V, targets_BxC, weights_BxC, label_smoothing: float,
-                with_grads: bool):
+                with_grads: bool, grad_scale=1.0):
     """One chunk of positions: the smoothed loss sum, per-row (loss, nll, correct) sums and,
-    `with_grads`, d(loss sum)/d(h, table, bias) of this chunk."""
+    `with_grads`, grad_scale x d(loss sum)/d(h, table, bias) of this chunk."""
     logits_BxCxV = (jax.lax.dot_general(h_BxCxD, table_VxD, (((2,), (1,)), ((), ())))
                     .astype(jnp.float32) + bias_V.astype(jnp.float32)[None, None, :])
     vocab = logits_BxCxV.shape[-1]
@@ -79,7 +79,7 @@ def _chunk_sums(h_BxCxD, table_VxD, bias_V, targets_BxC, weights_BxC, label_smoo
         return rows, None
     # d(sum of w * xent)/d logits = w * (softmax - (1 - s) * onehot(target) - s / V)
     is_target_BxCxV = jnp.arange(vocab)[None, None, :] == safe_BxC[..., None]
-    dlogits_BxCxV = weights_BxC[..., None] * (
+    dlogits_BxCxV = (grad_scale * weights_BxC)[..., None] * (
         exp_BxCxV / sum_BxCx1 - label_smoothing / vocab
         - jnp.where(is_target_BxCxV, 1.0 - label_smoothing, 0.0))
     dlogits_BxCxV = dlogits_BxCxV.astype(table_VxD.dtype)
@@ -90,7 +90,7 @@ def _chunk_sums(h_BxCxD, table_VxD, bias_V, targets_BxC, weights_BxC, label_smoo
 
 
 def _chunked(h_BxTxD, table_VxD, bias_V, targets_BxT, weights_BxT, label_smoothing: float,
-             chunk_rows: int, with_grads: bool):
+             chunk_rows: int, with_grads: bool, grad_scale=1.0):
     """Runs `_chunk_sums` over chunks of target positions (lax.scan; the batch axis stays
     whole, so a batch-sharded input stays sharded). Returns (row sums, grads or None)."""
     batch, length, dim = h_BxTxD.shape
@@ -103,7 +103,7 @@ def _chunked(h_BxTxD, table_VxD, bias_V, targets_BxT, weights_BxT, label_smoothi
     def body(carry, chunk):
         rows, grads = carry
         new_rows, new_grads = _chunk_sums(chunk[0], table_VxD, bias_V, chunk[1], chunk[2],
-                                          label_smoothing, with_grads)
+                                          label_smoothing, with_grads, grad_scale)
         rows = jax.tree_util.tree_map(jnp.add, rows, new_rows)
         if not with_grads:
             return (rows, grads), None
@@ -118,23 +118,28 @@ def _chunked(h_BxTxD, table_VxD, bias_V, targets_BxT, weights_BxT, label_smoothi
     return rows, (dh_BxTxD, grads[0], grads[1].astype(bias_V.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _loss_scale(weights_BxT: jax.Array, mean: bool) -> jax.Array:
+    return 1.0 / jnp.maximum(weights_BxT.sum(), 1.0) if mean else jnp.float32(1.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _output_cross_entropy(h_BxTxD, table_VxD, bias_V, targets_BxT, weights_BxT,
-                          label_smoothing, chunk_rows):
+                          label_smoothing, chunk_rows, mean):
     rows, _ = _chunked(h_BxTxD, table_VxD, bias_V, targets_BxT, weights_BxT, label_smoothing,
                        chunk_rows, with_grads=False)
-    return rows["loss"].sum(), rows
+    return rows["loss"].sum() * _loss_scale(weights_BxT, mean), rows
 
 
 def _output_cross_entropy_fwd(h_BxTxD, table_VxD, bias_V, targets_BxT, weights_BxT,
-                              label_smoothing, chunk_rows):
+                              label_smoothing, chunk_rows, mean):
+    scale = _loss_scale(weights_BxT, mean)
     rows, grads = _chunked(h_BxTxD, table_VxD, bias_V, targets_BxT, weights_BxT,
-                           label_smoothing, chunk_rows, with_grads=True)
-    return (rows["loss"].sum(), rows), (grads, weights_BxT)
+                           label_smoothing, chunk_rows, with_grads=True, grad_scale=scale)
+    return (rows["loss"].sum() * scale, rows), (grads, weights_BxT)
 
 
-def _output_cross_entropy_bwd(label_smoothing, chunk_rows, residuals, cotangents):
-    del label_smoothing, chunk_rows
+def _output_cross_entropy_bwd(label_smoothing, chunk_rows, mean, residuals, cotangents):
+    del label_smoothing, chunk_rows, mean
     (dh_BxTxD, dtable_VxD, dbias_V), weights_BxT = residuals
     g = cotangents[0]  # the row sums are metrics: `output_cross_entropy` stops their gradient
     scale = lambda x: (g * x).astype(x.dtype)
@@ -147,7 +152,8 @@ _output_cross_entropy.defvjp(_output_cross_entropy_fwd, _output_cross_entropy_bw
 
 def output_cross_entropy(h_BxTxD: jax.Array, table_VxD: jax.Array, bias_V: jax.Array,
                          targets_BxT: jax.Array, weights_BxT: jax.Array, label_smoothing: float,
-                         chunk_rows: int = 2048) -> tuple[jax.Array, dict[str, jax.Array]]:
+                         chunk_rows: int = 2048, mean: bool = False
+                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Output layer + label-smoothed cross-entropy, fused: the (B, T, V) logits never exist.
 
     `logits = h @ table.T + bias` is computed for chunks of about `chunk_rows` positions
@@ -158,11 +164,13 @@ def output_cross_entropy(h_BxTxD: jax.Array, table_VxD: jax.Array, bias_V: jax.A
     (B, T, V) float32 buffers to one chunk's.
 
     Returns (loss sum (): sum of weights x smoothed cross-entropy, the value to
-    differentiate; row sums {"loss", "nll", "accuracy"} (B,) float32, metrics whose
+    differentiate, or with `mean` that sum / max(sum of weights, 1); row sums {"loss", "nll", "accuracy"} (B,) float32, metrics whose
     gradient is stopped). `smoothed_cross_entropy` and `argmax_equals` on the full logits
-    give the same numbers.
+    give the same numbers. Differentiate the returned value itself (`mean` divides inside):
+    its cotangent is then the constant 1, and XLA drops the rescaling of the (V, D)
+    table gradient that an outside division would cost (a second (V, D) buffer).
     """
-    loss_sum, rows = _output_cross_entropy(h_BxTxD, table_VxD, bias_V, targets_BxT,
-                                           weights_BxT.astype(jnp.float32), float(label_smoothing),
-                                           int(chunk_rows))
-    return loss_sum, jax.lax.stop_gradient(rows)
+    loss, rows = _output_cross_entropy(h_BxTxD, table_VxD, bias_V, targets_BxT,
+                                       weights_BxT.astype(jnp.float32), float(label_smoothing),
+                                       int(chunk_rows), bool(mean))
+    return loss, jax.lax.stop_gradient(rows)

@@ -52,6 +52,22 @@ def test_fused_loss_and_gradients_equal_the_plain_formulas(smoothing, chunk_rows
     assert float(jnp.abs(got_grads[0] * (1 - weights)[..., None]).max()) == 0.0
 
 
+def test_the_mean_option_divides_loss_and_gradients_by_the_weight_sum():
+    h, table, bias, targets, weights = _inputs()
+    plain = jax.grad(lambda *a: _plain(*a, 0.1)[0] / weights.sum(), argnums=(0, 1, 2))
+    fused = jax.value_and_grad(lambda *a: losses.output_cross_entropy(*a, 0.1, 6, mean=True)[0],
+                               argnums=(0, 1, 2))
+    got, got_grads = jax.jit(fused)(h, table, bias, targets, weights)
+    np.testing.assert_allclose(got, _plain(h, table, bias, targets, weights, 0.1)[0] / weights.sum(),
+                               rtol=1e-5)
+    for g, w in zip(got_grads, jax.jit(plain)(h, table, bias, targets, weights)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+    # An upstream factor still scales every gradient (the cotangent is not assumed to be 1).
+    doubled = jax.grad(lambda *a: 2.0 * losses.output_cross_entropy(*a, 0.1, 6, mean=True)[0],
+                       argnums=1)(h, table, bias, targets, weights)
+    np.testing.assert_allclose(doubled, 2.0 * got_grads[1], rtol=1e-6)
+
+
 def test_chunks_divide_the_length_within_the_row_budget():
     assert losses._chunk_length(64, 16, 256) == 16
     assert losses._chunk_length(64, 16, 2048) == 64

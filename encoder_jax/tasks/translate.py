@@ -244,25 +244,24 @@ def model_functions(model: EncoderDecoder, tr: configs.TranslateConfig, max_len:
         return model.init(rng, jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))["params"]
 
     def fused_sums(params, batch, rng, train):
-        """(loss sum to differentiate, per-row sums): the output layer and the loss fused."""
+        """(mean loss to differentiate, per-row sums): the output layer and the loss fused."""
         y_BxTxD, table_VxD, bias_V = model.apply(
             {"params": params}, batch["source_ids"], batch["target_in"],
             batch["source_segment_ids"], batch["target_segment_ids"], deterministic=not train,
             rngs={"dropout": rng}, method=EncoderDecoder.features)
         weights_BxT = target_weights(batch)
-        loss_sum, rows = losses.output_cross_entropy(
+        loss_mean, rows = losses.output_cross_entropy(
             y_BxTxD, table_VxD, bias_V, batch["target_out"], weights_BxT,
             tr.label_smoothing if train else 0.0,
-            chunk_rows=max(1, OUTPUT_CHUNK_FLOATS // table_VxD.shape[0]))
-        return loss_sum, {**rows, "denominator": weights_BxT.sum(-1)}
+            chunk_rows=max(1, OUTPUT_CHUNK_FLOATS // table_VxD.shape[0]), mean=True)
+        return loss_mean, {**rows, "denominator": weights_BxT.sum(-1)}
 
     def row_sums(params, batch, rng, train):
         return fused_sums(params, batch, rng, train)[1]
 
     def loss(params, batch, rng, train):
-        loss_sum, rows = fused_sums(params, batch, rng, train)
-        sums = {k: v.sum() for k, v in rows.items()}
-        return loss_sum / jnp.maximum(sums["denominator"], 1.0), {**sums, "loss": loss_sum}
+        loss_mean, rows = fused_sums(params, batch, rng, train)  # the mean: see output_cross_entropy
+        return loss_mean, {k: v.sum() for k, v in rows.items()}
 
     def eval_fn(params, model_state, batch, rng):
         del model_state
