@@ -1,5 +1,9 @@
 """Encoder shapes, dtypes, masks that do not leak, tied MLM weights."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,22 +168,43 @@ def test_remat_modes_read_old_booleans_and_reject_unknown_ones():
         EncoderConfig(**{**CFG.__dict__, "remat": "ffn"})
 
 
-def test_dropout_threefry_is_flax_dropout_and_rbg_drops_at_its_rate():
+def test_dropout_threefry_is_flax_dropout_and_hash_drops_at_its_rate():
     import flax.linen as nn
 
     x = jnp.ones((200, 500))
     rngs = lambda seed: {"dropout": jax.random.key(seed)}
     ours = Dropout(0.1).apply({}, x, False, rngs=rngs(0))
     np.testing.assert_array_equal(ours, nn.Dropout(0.1).apply({}, x, False, rngs=rngs(0)))
-    rbg = lambda seed: Dropout(0.1, "rbg").apply({}, x, False, rngs=rngs(seed))
-    out = rbg(0)
-    np.testing.assert_array_equal(out, rbg(0))  # one key, one mask
-    assert not np.array_equal(out, rbg(1)) and not np.array_equal(out, ours)
+    hashed = lambda seed, y=x: Dropout(0.1, "hash").apply({}, y, False, rngs=rngs(seed))
+    out = hashed(0)
+    np.testing.assert_array_equal(out, hashed(0))  # one key, one mask
+    assert not np.array_equal(out, hashed(1)) and not np.array_equal(out, ours)
     assert abs(float((out == 0).mean()) - 0.1) < 0.005  # 100,000 draws
     assert abs(float(out.mean()) - 1.0) < 0.01  # inverted: the expectation is kept
-    np.testing.assert_array_equal(Dropout(0.1, "rbg").apply({}, x, True), x)
-    with pytest.raises(errors.ConfigError, match=r"model.dropout_rng='philox'; valid: \['threefry', 'rbg'\]"):
+    # Neighbouring positions, rows and keys are not correlated (a weak hash would show here).
+    dropped = np.asarray(out == 0, np.float32)
+    for a, b in ((dropped[:, 1:], dropped[:, :-1]), (dropped[1:], dropped[:-1]),
+                 (dropped, np.asarray(hashed(1) == 0, np.float32))):
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.02
+    np.testing.assert_array_equal(Dropout(0.1, "hash").apply({}, x, True), x)
+    with pytest.raises(errors.ConfigError, match=r"model.dropout_rng='philox'; valid: \['threefry', 'hash'\]"):
         EncoderConfig(**{**CFG.__dict__, "dropout_rng": "philox"})
+
+
+def test_hash_dropout_masks_do_not_depend_on_sharding():
+    script = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from encoder_jax.layers import Dropout
+x = jnp.ones((64, 256))
+f = jax.jit(lambda x: Dropout(0.1, "hash").apply({}, x, False, rngs={"dropout": jax.random.key(0)}))
+mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+sharded = f(jax.device_put(x, NamedSharding(mesh, P("data", "fsdp"))))
+assert len(sharded.sharding.device_set) == 8
+np.testing.assert_array_equal(np.asarray(sharded), np.asarray(f(x)))
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
 
 
 def test_residual_puts_the_norm_before_the_sublayer_or_after_the_sum():
