@@ -165,8 +165,9 @@ def output_cross_entropy(h_BxTxD: jax.Array, table_VxD: jax.Array, bias_V: jax.A
 
     Returns (loss sum (): sum of weights x smoothed cross-entropy, the value to
     differentiate, or with `mean` that sum / max(sum of weights, 1); row sums {"loss",
-    "nll", "accuracy"} (B,) float32, metrics whose gradient is stopped). `smoothed_cross_entropy` and `argmax_equals` on the full logits
-    give the same numbers. Differentiate the returned value itself (`mean` divides inside):
+    "nll", "accuracy"} (B,) float32, metrics whose gradient is stopped).
+    `smoothed_cross_entropy` and `argmax_equals` on the full logits give the same
+    numbers. Differentiate the returned value itself (`mean` divides inside):
     its cotangent is then the constant 1, and XLA drops the rescaling of the (V, D)
     table gradient that an outside division would cost (a second (V, D) buffer).
     """

@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.bigram_buckets = 0  # > 0: hashed (previous, current) token-pair embeddings, fastText style
     c.model.init_std = 0.02
     c.model.remat = "none"  # none | block (recompute blocks: less memory, ~1/3 more FLOPs) | mlp
-    c.model.dropout_rng = "threefry"  # threefry | hash (faster, no stored masks; layers.Dropout)
+    c.model.dropout_rng = "threefry"  # threefry | hash (faster, no stored masks; encoder_jax/dropout.py)
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16
     c.model.param_dtype = "float32"  # storage dtype
 

@@ -87,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.attention_dropout_rate = 0.1
     c.model.init_std = 0.02
     c.model.remat = "none"  # none | block | mlp (layers.REMAT_MODES)
-    c.model.dropout_rng = "threefry"  # threefry | hash (layers.Dropout)
+    c.model.dropout_rng = "threefry"  # threefry | hash (encoder_jax/dropout.py)
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16
     c.model.param_dtype = "float32"
 
