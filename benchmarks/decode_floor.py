@@ -15,7 +15,8 @@ process:
                     and values; the floor is bytes / stream_gb_per_s;
   compute floor     the step's matmul FLOPs / this machine's float32 matmul peak
                     (`train.measure_peak_flops`, the probe the MFU figures use);
-  gemm_loop_ms      the step's weight matmuls alone (the same shapes: rows = B x beams),
+  gemm_loop_ms      the step's weight matmuls alone (the same shapes: rows = B x beams, in
+                    the decoder's column layout, kernel (out, in) @ hidden (in, rows)),
                     chained in a 64-step `lax.fori_loop` as in decoding, nothing else.
 
 Given a `compare_marian.py` JSON-lines file (--marian_jsonl), it also prints HF's median time
@@ -93,22 +94,23 @@ def gemm_loop_ms(shape: translate_step.Seq2SeqShape, beams: int, repeats: int) -
     d, f = shape.hidden_dim, shape.mlp_dim
     rows = shape.batch_size * beams
     keys = iter(jax.random.split(jax.random.key(0), 8 * shape.decoder_layers + 2))
-    weight = lambda n_in, n_out: 0.02 * jax.random.normal(next(keys), (n_in, n_out))
+    # stored (out, in) and multiplied kernel @ columns, as `decoder_block` does
+    weight = lambda n_in, n_out: 0.02 * jax.random.normal(next(keys), (n_out, n_in))
     layers = [dict(qkv=weight(d, 3 * d), out=weight(d, d), cross_q=weight(d, d),
                    cross_out=weight(d, d), wi=weight(d, f), wo=weight(f, d))
               for _ in range(shape.decoder_layers)]
     table = weight(shape.vocab_size, d)
-    x = jax.random.normal(next(keys), (rows, d))
+    x = jax.random.normal(next(keys), (d, rows))
 
     @jax.jit
     def run(x, layers, table):
         def step(_, carry):
             y, _ = carry
             for w in layers:
-                y = y + (y @ w["qkv"])[:, :d] @ w["out"]
-                y = y + (y @ w["cross_q"]) @ w["cross_out"]
-                y = y + jax.nn.relu(y @ w["wi"]) @ w["wo"]
-            logits_VxN = table @ y.T  # vocabulary-major, as the decoder computes it
+                y = y + w["out"] @ (w["qkv"] @ y)[:d]
+                y = y + w["cross_out"] @ (w["cross_q"] @ y)
+                y = y + w["wo"] @ jax.nn.relu(w["wi"] @ y)
+            logits_VxN = table @ y  # vocabulary-major, as the decoder computes it
             return 0.1 * y, jnp.argmax(logits_VxN, axis=0)
         return jax.lax.fori_loop(0, LOOP_STEPS, step, (x, jnp.zeros((rows,), jnp.int32)))
 

@@ -7,8 +7,7 @@ D hidden, N heads, H head dim, F feed-forward dim.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -159,77 +158,17 @@ def _attend(q_BxLxNxH: jax.Array, k_BxSxNxH: jax.Array, v_BxSxNxH: jax.Array,
     return jnp.einsum("bnls,bsnh->blnh", probs_BxNxLxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
 
 
-def _write_slots(blocks: Sequence[jax.Array], new_RxLxNxH: jax.Array, index: jax.Array,
-                 keys: bool) -> tuple[jax.Array, ...]:
-    """Writes the keys (or values) of the G*C hypotheses (L = 1) at position `index` into
-    the last of the cache's blocks (the earlier ones hold the positions before it). The
-    position axis is position-major, hypothesis g's position t at t*G + g (keys
-    (C, N, H, T*G), values (C, N, T*G, H)), so the G hypotheses of a step fill G adjacent
-    entries, written in place by one update."""
-    axis = 3 if keys else 2
-    rows, heads = blocks[-1].shape[:2]
-    group = new_RxLxNxH.shape[0] // rows
-    new_CxGxNxH = new_RxLxNxH.reshape(rows, group, heads, -1).astype(blocks[-1].dtype)
-    start = index * group - sum(block.shape[axis] for block in blocks[:-1])
-    starts = (0, 0, 0, start) if keys else (0, 0, start, 0)
-    written = jax.lax.dynamic_update_slice(blocks[-1], _heads_major(new_CxGxNxH, keys), starts)
-    return (*blocks[:-1], written)
-
-
-def _blocks(cached: jax.Array | Sequence[jax.Array]) -> tuple[jax.Array, ...]:
-    return tuple(cached) if isinstance(cached, (tuple, list)) else (cached,)
-
-
-def _attend_cache(q_RxLxNxH: jax.Array, keys: Sequence[jax.Array], values: Sequence[jax.Array],
-                  mask: jax.Array | None) -> jax.Array:
-    """Softmax attention of R = G*C query rows over C cached rows (heads-major); (R, L, N, H).
-
-    The cache comes in blocks along its entries: keys[j] (C, N, H, S_j), values[j]
-    (C, N, S_j, H), entries in block order (a decode cache only passes the blocks it has
-    filled, so no step reads or copies the rest). Query row c*G + g attends over cached
-    row c (G = 1: row over row). `mask` is per cached row, (C, 1, 1 or G*L, sum S_j),
-    broadcast over the heads (and the queries).
-    """
-    rows, length, heads, head_dim = q_RxLxNxH.shape
-    cached = keys[0].shape[0]
-    group = rows // cached
-    q_CxNxGLxH = jnp.transpose(q_RxLxNxH.reshape(cached, group * length, heads, head_dim),
-                               (0, 2, 1, 3)) * jnp.asarray(head_dim ** -0.5, q_RxLxNxH.dtype)
-    logits_CxNxGLxS = jnp.concatenate(
-        [jnp.einsum("cnqh,cnhs->cnqs", q_CxNxGLxH, k_CxNxHxS, preferred_element_type=jnp.float32)
-         for k_CxNxHxS in keys], axis=-1)
-    if mask is not None:  # an additive bias: XLA:CPU fuses a select into the product, 1.6x slower
-        logits_CxNxGLxS = logits_CxNxGLxS + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
-    probs_CxNxGLxS = jax.nn.softmax(logits_CxNxGLxS, axis=-1).astype(values[0].dtype)
-    ends = list(itertools.accumulate(v.shape[2] for v in values))
-    out_CxNxGLxH = sum(jnp.einsum("cnqs,cnsh->cnqh", probs_CxNxGLxS[..., end - v.shape[2]:end], v)
-                       for end, v in zip(ends, values))
-    return jnp.transpose(out_CxNxGLxH, (0, 2, 1, 3)).reshape(rows, length, heads, head_dim)
-
-
 class SelfAttention(nn.Module):
-    """Multi-head attention of x over itself, over `kv` (cross-attention), or over a decode cache.
+    """Multi-head attention of x over itself or over `kv` (cross-attention).
 
     Modes (keyword arguments):
       default: keys/values from x (or `kv_BxSxD`); returns out (B, L, D).
-      `cache` + `decode_index`: self-attention decoding of C rows with G hypotheses each
-        (x has G*C rows, L = 1; hypothesis g of row c at c*G + g): x's keys/values are
-        written into `cache` {"key" (C, N, H, T*G), "value" (C, N, T*G, H)} at position
-        `decode_index` of each hypothesis' slot (slot g holds entries t*G + g), and x
-        attends over all T*G entries of its row under `mask` (C, 1, G, T*G), which picks
-        those of its own history; returns (out, new cache). The cache may also come as
-        blocks of consecutive positions, {"key": (keys_0, ...), "value": (values_0, ...)}
-        (T = their positions together): the position is written into the last block.
-      `cache` alone: attends over precomputed {"key" (C, N, H, S), "value" (C, N, S, H)}
-        (cross-attention decoding) with the G*C rows of x as above, so a row's hypotheses
-        share one copy of the source's keys; returns (out, cache).
-      `kv_only`: returns that cache {"key" (B, N, H, S), "value" (B, N, S, H)} of `kv_BxSxD`.
+      `kv_only`: returns the decode step's cross-attention cache of `kv_BxSxD`,
+        {"key" (B, N, H, S), "value" (B, N, S, H)} (`decoder_block.ColumnAttention`).
 
     Decode caches are heads-major, keys transposed: a loop-carried buffer keeps its layout,
     and in (B, T, N, H) every decode step would transpose the whole cache to multiply it
     (and on CPU q @ K with K (H, S) runs about twice as fast as with K (S, H)).
-    Hypotheses never move between slots (beam search reorders a table of ancestors
-    that the mask is built from), so no step copies the cache.
     """
 
     config: EncoderConfig
@@ -237,7 +176,6 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array | None, mask_Bx1xLxS: jax.Array | None = None, *,
                  kv_BxSxD: jax.Array | None = None, deterministic: bool = True,
-                 cache: dict[str, jax.Array] | None = None, decode_index: jax.Array | None = None,
                  kv_only: bool = False):
         cfg = self.config
         dense = lambda name: nn.DenseGeneral(
@@ -247,23 +185,15 @@ class SelfAttention(nn.Module):
             return {"key": _heads_major(dense("key")(kv_BxSxD), keys=True),
                     "value": _heads_major(dense("value")(kv_BxSxD))}
         q_BxLxNxH = dense("query")(x_BxLxD)
-        if cache is not None:
-            cache = {name: _blocks(cache[name]) for name in ("key", "value")}
-            if decode_index is not None:
-                cache = {name: _write_slots(cache[name], dense(name)(x_BxLxD), decode_index,
-                                            keys=name == "key")
-                         for name in ("key", "value")}
-            out_BxLxNxH = _attend_cache(q_BxLxNxH, cache["key"], cache["value"], mask_Bx1xLxS)
-        else:
-            kv_BxSxD = x_BxLxD if kv_BxSxD is None else kv_BxSxD
-            k_BxSxNxH, v_BxSxNxH = dense("key")(kv_BxSxD), dense("value")(kv_BxSxD)
-            dropout = (None if deterministic or cfg.attention_dropout_rate == 0.0
-                       else Dropout(cfg.attention_dropout_rate, cfg.dropout_rng, deterministic=False))
-            out_BxLxNxH = _attend(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask_Bx1xLxS, dropout)
+        kv_BxSxD = x_BxLxD if kv_BxSxD is None else kv_BxSxD
+        k_BxSxNxH, v_BxSxNxH = dense("key")(kv_BxSxD), dense("value")(kv_BxSxD)
+        dropout = (None if deterministic or cfg.attention_dropout_rate == 0.0
+                   else Dropout(cfg.attention_dropout_rate, cfg.dropout_rng, deterministic=False))
+        out_BxLxNxH = _attend(q_BxLxNxH, k_BxSxNxH, v_BxSxNxH, mask_Bx1xLxS, dropout)
         out_BxLxD = nn.DenseGeneral(cfg.hidden_dim, axis=(-2, -1), dtype=cfg.dtype,
                                     param_dtype=cfg.param_dtype, kernel_init=_kernel_init(cfg),
                                     name="out")(out_BxLxNxH)
-        return out_BxLxD if cache is None else (out_BxLxD, cache)
+        return out_BxLxD
 
 
 class FeedForward(nn.Module):
@@ -318,51 +248,3 @@ class EncoderBlock(nn.Module):
         x_BxLxD = residual(x_BxLxD, lambda h: attention(h, mask_Bx1xLxL, deterministic=deterministic),
                            attention_norm, dropout, cfg.pre_norm, deterministic)
         return residual(x_BxLxD, mlp, mlp_norm, dropout, cfg.pre_norm, deterministic)
-
-
-class DecoderBlock(nn.Module):
-    """Causal self-attention, cross-attention over the source, feed-forward (pre- or post-LN).
-
-    Without `cache`: teacher forcing over all T target positions; returns y (B, T, D).
-    With `cache` (this block's self-attention {"key", "value"}, `SelfAttention`'s layout),
-    `decode_index` and `source_cache` (the cross-attention keys/values of the C source
-    rows; y has G*C rows): one position (T = 1); returns (y, new cache). With
-    `cross_cache_only`: the cross-attention {"key", "value"} of `encoded_BxSxD`.
-    """
-
-    config: EncoderConfig
-
-    @nn.compact
-    def __call__(self, y_BxTxD: jax.Array | None, self_mask_Bx1xTxT: jax.Array | None,
-                 encoded_BxSxD: jax.Array | None, cross_mask_Bx1xTxS: jax.Array | None,
-                 deterministic: bool = True, cache: dict | None = None,
-                 decode_index: jax.Array | None = None, source_cache: dict | None = None,
-                 cross_cache_only: bool = False):
-        cfg = self.config
-        dropout = Dropout(cfg.dropout_rate, cfg.dropout_rng)
-        self_attention = SelfAttention(cfg, name="self_attention")
-        cross_attention = SelfAttention(cfg, name="cross_attention")
-        if cross_cache_only:  # the source's keys/values, computed once per decode
-            return cross_attention(None, kv_BxSxD=encoded_BxSxD, kv_only=True)
-        new_cache = {}
-
-        def attend_self(h):
-            if cache is None:
-                return self_attention(h, self_mask_Bx1xTxT, deterministic=deterministic)
-            out, new_cache["self"] = self_attention(h, self_mask_Bx1xTxT, cache=cache,
-                                                    decode_index=decode_index)
-            return out
-
-        def attend_source(h):
-            if cache is None:
-                return cross_attention(h, cross_mask_Bx1xTxS, kv_BxSxD=encoded_BxSxD,
-                                       deterministic=deterministic)
-            return cross_attention(h, cross_mask_Bx1xTxS, cache=source_cache)[0]
-
-        y_BxTxD = residual(y_BxTxD, attend_self, layer_norm(cfg, "self_attention_norm"), dropout,
-                           cfg.pre_norm, deterministic)
-        y_BxTxD = residual(y_BxTxD, attend_source, layer_norm(cfg, "cross_attention_norm"), dropout,
-                           cfg.pre_norm, deterministic)
-        y_BxTxD = residual(y_BxTxD, feed_forward(cfg, "mlp"), layer_norm(cfg, "mlp_norm"),
-                           dropout, cfg.pre_norm, deterministic)
-        return y_BxTxD if cache is None else (y_BxTxD, new_cache["self"])

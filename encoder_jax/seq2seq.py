@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from encoder_jax import errors
-from encoder_jax.layers import (DecoderBlock, Dropout, EncoderConfig, _kernel_init, attention_mask,
-                                layer_norm)
+from encoder_jax.decoder_block import DecoderBlock, step_kernels
+from encoder_jax.layers import Dropout, EncoderConfig, _kernel_init, attention_mask, layer_norm
 from encoder_jax.models import BertEncoder
 
 __all__ = ["Seq2SeqConfig", "EncoderDecoder", "block_ends", "reorder_beam_cache"]
@@ -101,7 +101,7 @@ def history_mask(ancestors_BxGxT: jax.Array, index: jax.Array, length: int | Non
                  ) -> jax.Array:
     """bool (B, 1, G, length*G): [b, 0, g, t*G + h] is true iff slot h holds position t <= index
     of hypothesis g's history (ancestors_BxGxT[b, g, t] == h); the cache's position axis
-    is position-major (`layers._write_slots`). Only the first `length` positions (default
+    is position-major (`decoder_block._write_slots`). Only the first `length` positions (default
     all T): the cache blocks a step reads."""
     batch, group, _ = ancestors_BxGxT.shape
     ancestors_BxGxT = ancestors_BxGxT[:, :, :length]
@@ -218,8 +218,11 @@ class Decoder(nn.Module):
                    for i in range(dec.num_layers)}}
 
     def source_cache(self, encoded_BxSxD: jax.Array) -> dict[str, Any]:
-        """Per block: the source's cross-attention keys (B, N, H, S) and values (B, N, S, H)."""
-        return {f"block_{i}": block(None, None, encoded_BxSxD, None, cross_cache_only=True)
+        """What every decode step reads and no step changes, computed once per decode: per
+        block, the source's cross-attention keys (B, N, H, S) and values (B, N, S, H), and
+        the block's kernels laid out for the column step ("kernels", `step_kernels`)."""
+        return {f"block_{i}": {**block(None, None, encoded_BxSxD, None, cross_cache_only=True),
+                               "kernels": step_kernels(block.variables["params"])}
                 for i, block in enumerate(self.blocks)}
 
     def step(self, ids_N: jax.Array, cache: dict[str, Any], index: jax.Array,
@@ -244,17 +247,18 @@ class Decoder(nn.Module):
         self_mask = history_mask(ancestors_BxGxT, index, read_entries // ancestors_BxGxT.shape[1])
         source_mask = (source_segment_ids_BxS > 0)[:, None, None, :]
         new_cache = {"ancestors": ancestors_BxGxT}
+        y_DxN = y_Nx1xD[:, 0].T  # the blocks' step works on columns (`decoder_block`)
         for i, block in enumerate(self.blocks):
             name = f"block_{i}"
             read_cache = {part: cache[name][part][:read] for part in ("key", "value")}
-            y_Nx1xD, written = block(y_Nx1xD, self_mask, None, source_mask, True,
-                                     cache=read_cache, decode_index=index,
-                                     source_cache=source_cache[name])
+            y_DxN, written = block(y_DxN, self_mask, None, source_mask, True,
+                                   cache=read_cache, decode_index=index,
+                                   source_cache=source_cache[name])
             new_cache[name] = {part: (*written[part], *cache[name][part][read:])
                                for part in ("key", "value")}
         if not vocab_major:
-            return self.logits(y_Nx1xD, shared)[:, 0], new_cache
-        return self.vocab_major_logits(y_Nx1xD[:, 0], shared), new_cache
+            return self.logits(y_DxN.T[:, None], shared)[:, 0], new_cache
+        return self.vocab_major_logits(y_DxN.T, shared), new_cache
 
     def vocab_major_logits(self, y_NxD: jax.Array, shared) -> jax.Array:
         """`logits` transposed, (V, N) float32, as table @ final_norm(y).T: XLA:CPU runs this

@@ -51,7 +51,7 @@ MAX_FUNCTION_LINES = 80
 # ("encoder_jax.data" covers "encoder_jax.data.tokenizer"); an entry without a dot (the
 # package's own __init__) covers only itself, so a new top-level module is unranked.
 LAYERS: dict[int, tuple[str, ...]] = {
-    0: ("encoder_jax.layers", "encoder_jax.dropout", "encoder_jax.configs", "encoder_jax.config_types", "encoder_jax.errors",
+    0: ("encoder_jax.layers", "encoder_jax.decoder_block", "encoder_jax.dropout", "encoder_jax.configs", "encoder_jax.config_types", "encoder_jax.errors",
         "encoder_jax.wide", "encoder_jax.topk"),
     1: ("encoder_jax.models", "encoder_jax.seq2seq", "encoder_jax.topic_models", "encoder_jax.electra"),
     2: ("encoder_jax.data", "encoder_jax.optim", "encoder_jax.parallel", "encoder_jax.checkpoint",

@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flax.linen as nn
+
 from encoder_jax import decode
+from encoder_jax.decoder_block import ColumnDense, step_kernels
 from encoder_jax.layers import EncoderConfig
 from encoder_jax.seq2seq import EncoderDecoder, Seq2SeqConfig, block_ends, reorder_beam_cache
 
@@ -88,6 +91,33 @@ def test_cached_incremental_decoding_equals_the_full_forward_pass(share, tie, pr
         np.testing.assert_allclose(vocab_major_VxN.T, logits, atol=1e-5)  # (V, N) layout
     assert float(jnp.abs(jnp.stack(steps, 1) - full).max()) <= 1e-5
 
+
+
+def test_column_dense_on_step_kernels_is_dense_general_on_rows_transposed(seq2seq):
+    """The step's product kernel (out..., in...) @ columns equals DenseGeneral's rows @ kernel,
+    for a query-like (D -> N, H) and an out-like (N, H -> D) layer, biases included."""
+    cfg = EncoderConfig(vocab_size=10, hidden_dim=8, num_layers=1, num_heads=2, mlp_dim=16)
+    x_RxD = jax.random.normal(jax.random.key(0), (5, 8))
+    for features, axis, x in (((2, 4), -1, x_RxD), ((8,), (-2, -1), x_RxD.reshape(5, 2, 4))):
+        dense = nn.DenseGeneral(features, axis=axis)
+        params = dense.init(jax.random.key(1), x)["params"]
+        params = {**params, "bias": jax.random.normal(jax.random.key(2), params["bias"].shape)}
+        inputs = x.ndim - 1
+        kernel = params["kernel"]
+        kernel_OxI = jnp.transpose(kernel, (*range(inputs, kernel.ndim), *range(inputs)))
+        columns = ColumnDense(features, cfg).apply({"params": {"bias": params["bias"]}},
+                                                   jnp.moveaxis(x, 0, -1), kernel_OxI)
+        np.testing.assert_allclose(jnp.moveaxis(columns, -1, 0),
+                                   dense.apply({"params": params}, x), atol=1e-5)
+    # step_kernels lays out every projection of a block that way: (out..., in...)
+    _, params, _, _ = seq2seq
+    block = params["decoder"]["block_0"]
+    laid_out = step_kernels(block)
+    assert laid_out["self_attention"]["out"].shape == (32, 4, 8)     # (D, N, H)
+    assert laid_out["self_attention"]["query"].shape == (4, 8, 32)   # (N, H, D)
+    np.testing.assert_array_equal(laid_out["mlp"]["wi"], block["mlp"]["wi"]["kernel"].T)
+    np.testing.assert_array_equal(laid_out["cross_attention"]["out"],
+                                  jnp.transpose(block["cross_attention"]["out"]["kernel"], (2, 0, 1)))
 
 
 def _decode_steps(model, variables, cache, source_cache, seg, tokens_NxT, start=0):
