@@ -190,8 +190,11 @@ class DecoderBlock(nn.Module):
         return residual(y_BxTxD, feed_forward(cfg, "mlp"), layer_norm(cfg, "mlp_norm"),
                         dropout, cfg.pre_norm, deterministic)
 
-    def _step(self, y_DxR, self_mask, cross_mask, cache, decode_index, source_cache, dropout):
-        """The cached step on columns (called from the compact `__call__`)."""
+    def _step(self, y_DxR: jax.Array, self_mask: jax.Array, cross_mask: jax.Array, cache: dict,
+              decode_index: jax.Array, source_cache: dict, dropout: Dropout
+              ) -> tuple[jax.Array, dict]:
+        """The cached step on columns (D, R) (called from the compact `__call__`, whose
+        parameter names it shares: the norms reduce over axis 0 with the same (D,) scales)."""
         cfg = self.config
         kernels = source_cache["kernels"]
         norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
