@@ -25,8 +25,18 @@ from encoder_jax import workdir as workdir_lib
 
 log = logging.getLogger("encoder_jax")
 
-NORM_METRICS = ("grad_norm", "param_norm", "update_norm", "learning_rate", "state_finite")
+NORM_METRICS = ("grad_norm", "param_norm", "update_norm", "learning_rate")
+# A NaN or inf in the new parameters shows in param_norm, one in the optimizer state that
+# reaches the update in update_norm; the whole state is checked before each checkpoint.
 FINITE_CHECKED = ("loss", "grad_norm", "update_norm", "param_norm")
+
+
+def non_finite_error(what: str, step: int, checkpointer) -> errors.NonFiniteError:
+    """The one-line error for non-finite `what` at `step`, naming the last good checkpoint."""
+    return errors.NonFiniteError(
+        f"non-finite {what} at step {step}; the last good checkpoint is "
+        f"{checkpointer.latest_step()} in {checkpointer.directory} (lower opt.learning_rate "
+        f"or set opt.grad_clip_norm)")
 
 
 def measure_peak_flops(dim: int = 2048, repeats: int = 10) -> float:
@@ -103,13 +113,8 @@ class StepLogger:
     def _absorb(self, done_step: int, metrics: Any, tokens: int) -> None:
         metrics = jax.device_get(metrics)
         bad = [name for name in FINITE_CHECKED if not np.isfinite(metrics[name])]
-        if not metrics.get("state_finite", True):
-            bad.append("parameters or optimizer state")
         if bad:  # checked before this step's checkpoint is written, so none holds non-finite values
-            raise errors.NonFiniteError(
-                f"non-finite {', '.join(bad)} at step {done_step}; the last good checkpoint is "
-                f"{self.checkpointer.latest_step()} in {self.checkpointer.directory} (lower "
-                f"opt.learning_rate or set opt.grad_clip_norm)")
+            raise non_finite_error(", ".join(bad), done_step, self.checkpointer)
         window = self.window
         window["sums"] = metrics if window["sums"] is None else {
             k: window["sums"][k] + metrics[k] for k in metrics}

@@ -36,7 +36,13 @@ def init_train_state(task: Task, tx: optax.GradientTransformation, rng: jax.Arra
 
 
 def all_finite(tree: Any) -> jax.Array:
-    """() bool: every float leaf of `tree` is free of NaN and inf."""
+    """() bool: every float leaf of `tree` is free of NaN and inf.
+
+    Not part of the step: over a whole train state (parameters and two Adam moments) it
+    cost ~8% of a translation step on CPU. The step's norms stop a run at the first
+    non-finite parameter, gradient or update; the trainer runs this check on the state
+    before each checkpoint (`train.save_checked`).
+    """
     checks = [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
               if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.stack(checks).all() if checks else jnp.array(True)
@@ -92,8 +98,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule, accu
         params = optax.apply_updates(state["params"], updates)
         metrics = {**sums, "grad_norm": optax.global_norm(grads),
                    "param_norm": optax.global_norm(params),
-                   "update_norm": optax.global_norm(updates), "learning_rate": learning_rate,
-                   "state_finite": all_finite((params, opt_state))}
+                   "update_norm": optax.global_norm(updates), "learning_rate": learning_rate}
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         if "model_state" in state:
             new_state["model_state"] = model_state

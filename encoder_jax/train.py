@@ -235,13 +235,28 @@ def before_step(task: Task, s: Setup, step: int, state: dict[str, Any],
     return state
 
 
+_state_finite = jax.jit(all_finite)
+
+
+def save_checked(s: "Setup", step: int, state: dict[str, Any], force: bool = False) -> None:
+    """Checkpoints `state` at `step` once every float in it is finite.
+
+    The step's norms (`monitor.FINITE_CHECKED`) stop a run at its first non-finite
+    parameter, gradient or update; an optimizer-state entry that never reaches the update
+    is caught here, so no checkpoint holds a NaN or inf.
+    """
+    if not bool(_state_finite(state)):
+        raise monitor.non_finite_error("parameters or optimizer state", step, s.checkpointer)
+    s.checkpointer.save(step, state, s.train_iter, force=force)
+
+
 def save_unless_saved(s: "Setup", state: dict[str, Any]) -> int:
     """Checkpoints the state's step unless that step is already saved; returns the step."""
     step = int(state["step"])
     s.checkpointer.wait()
     if s.checkpointer.latest_step() != step:
         log.warning("saving step %d", step)
-        s.checkpointer.save(step, state, s.train_iter, force=True)
+        save_checked(s, step, state, force=True)
         s.checkpointer.wait()
     return step
 
@@ -318,7 +333,7 @@ def train_steps(config, workdir: str) -> dict[str, Any]:
                 last = done
             if done % trainer.ckpt.every_steps == 0 or done == last:
                 logger.flush()
-                s.checkpointer.save(done, state, s.train_iter, force=done == last)
+                save_checked(s, done, state, force=done == last)
         logger.flush()
         finished = int(state["step"]) >= num_steps or keeper.stopped or clock.spent()
         budget_lib.warn_on_step_cap(s.budget, int(state["step"]), clock.elapsed())

@@ -301,9 +301,12 @@ def test_all_finite_sees_one_bad_element_in_any_float_leaf():
 
 
 def test_non_finite_parameters_with_a_finite_loss_stop_before_any_checkpoint(tmp_path):
-    """The update that makes parameters (or optimizer state) non-finite is caught on the host
-    before its step's checkpoint is written, even when loss and gradient are finite."""
+    """A non-finite norm is caught on the host before its step's checkpoint is written, even
+    when the loss is finite; a NaN in the optimizer state that no norm shows is caught by the
+    check before the save, and nothing is written for that step."""
     from types import SimpleNamespace
+
+    import jax.numpy as jnp
 
     from encoder_jax import configs, errors
     from encoder_jax.monitor import StepLogger
@@ -313,15 +316,22 @@ def test_non_finite_parameters_with_a_finite_loss_stop_before_any_checkpoint(tmp
         num_steps=10, log_every=100, peak_flops_per_device=1.0), writer=None, progress=None,
         flops_per_step=None, checkpointer=saver)
     good = {"loss": np.float32(2.0), "grad_norm": np.float32(1.0), "update_norm": np.float32(0.1),
-            "param_norm": np.float32(5.0), "learning_rate": np.float32(0.1), "state_finite": True}
+            "param_norm": np.float32(5.0), "learning_rate": np.float32(0.1)}
     logger.push(1, good, tokens=8)
-    logger.push(2, {**good, "state_finite": False}, tokens=8)
+    logger.push(2, {**good, "param_norm": np.float32(np.inf)}, tokens=8)
+    with pytest.raises(errors.NonFiniteError, match="non-finite param_norm at step 2; the last "
+                                                    "good checkpoint is None"):
+        logger.flush()
+    setup = SimpleNamespace(checkpointer=saver, train_iter=None)
+    state = {"step": jnp.int32(3), "params": {"w": jnp.ones(4)},
+             "opt_state": {"mu": jnp.zeros(4), "count": jnp.int32(3)}}
+    train.save_checked(setup, 3, state)
+    bad = {**state, "step": jnp.int32(4), "opt_state": {"mu": jnp.zeros(4).at[1].set(jnp.nan),
+                                                         "count": jnp.int32(4)}}
     with pytest.raises(errors.NonFiniteError, match="non-finite parameters or optimizer state "
-                                                    "at step 2; the last good checkpoint is None"):
-        logger.flush()
-    logger.push(3, {**good, "param_norm": np.float32(np.inf)}, tokens=8)
-    with pytest.raises(FloatingPointError, match="non-finite param_norm at step 3"):
-        logger.flush()
+                                                    "at step 4; the last good checkpoint is 3 in "):
+        train.save_checked(setup, 4, bad)
+    assert list(saver.manager.all_steps()) == [3]
     saver.close()
 
 
