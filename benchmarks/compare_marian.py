@@ -96,6 +96,8 @@ def summarize(shape: str, records: dict[tuple[str, str], list[dict[str, Any]]]) 
             entry.update(new_tokens=f"{min(r['new_tokens_min'] for r in recs)}.."
                                     f"{max(r['new_tokens_max'] for r in recs)}",
                          eos_before_last=sum(r["eos_before_last"] for r in recs))
+            if framework == "jax":
+                entry["kernel_layout_s"] = med(recs, "kernel_layout_s")
         out["parts"].setdefault(part, {})[framework] = entry
     for part, sides in out["parts"].items():
         if "jax" in sides and "torch" in sides:
@@ -134,7 +136,9 @@ def table(s: dict[str, Any]) -> str:
                      ("  MFU vs own peak (counted FLOPs)", 100 * j["mfu_own_peak"],
                       100 * t["mfu_own_peak"], "{:.1f}%")]
         else:
-            rows += [("  new tokens per row (min..max)", j["new_tokens"], t["new_tokens"], None),
+            rows += [("  ours: step kernels laid out once per params (s)",
+                      f"{j.get('kernel_layout_s', float('nan')):.3f}", "-", None),
+                     ("  new tokens per row (min..max)", j["new_tokens"], t["new_tokens"], None),
                      ("  EOS before the last new token", j["eos_before_last"], t["eos_before_last"], None)]
         rows += [("  peak RSS, whole process (MiB)", j["peak_rss_mb"], t["peak_rss_mb"], "{:,.0f}"),
                  ("  peak RSS, timed calls only (MiB)", j["steady_peak_rss_mb"],

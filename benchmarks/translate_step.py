@@ -8,7 +8,8 @@ jitted as `train.run` does it (explicit shardings, state donated); reused from
 `mlm_step.compile_train_step` / `mlm_step.time_steps`. The batch comes from the library's
 own batching (`data.translation.eval_batches`) over synthetic pairs, every token real.
 `--part greedy` / `--part beam`: `tasks.translate.translate_batch` (what `--mode predict`
-runs: encode, cache, `decode.greedy_search` / `decode.beam_search` with beam 4), jitted
+runs: encode, cache, `decode.greedy_search` / `decode.beam_search` with beam 4, the step
+kernels laid out once beforehand by `seq2seq.decode_kernels`, timed apart), jitted
 over B sources, generating exactly `new_tokens` tokens per row (see `unreachable_eos`).
 
 The top of this module (up to `run_one`) imports neither jax nor torch:
@@ -314,6 +315,7 @@ def measure_decode(config, shape: Seq2SeqShape, part: str, args: argparse.Namesp
     """One jitted `translate_batch` over B sources (greedy or beam 4): the record's fields."""
     import jax
 
+    from encoder_jax.seq2seq import decode_kernels
     from encoder_jax.tasks import translate
 
     task, model, tr = build_task(config, shape)
@@ -326,10 +328,16 @@ def measure_decode(config, shape: Seq2SeqShape, part: str, args: argparse.Namesp
         translate.translate_batch, model, beam_size=BEAM_SIZE if part == "beam" else 1,
         alpha=tr.length_penalty, max_len=shape.new_tokens, max_len_a=tr.max_len_a,
         max_len_b=tr.max_len_b, bos_id=BOS_ID, eos_id=EOS_ID, cache_blocks=tr.cache_blocks)
+    # As `--mode predict`: the step kernels laid out once for all batches (timed apart).
+    layout = jax.jit(decode_kernels)
+    jax.block_until_ready(layout(params))
     t0 = time.perf_counter()
-    compiled = jax.jit(decode).lower(params, batch).compile()
+    kernels = jax.block_until_ready(layout(params))
+    layout_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = jax.jit(lambda p, k, b: decode(p, b, kernels=k)).lower(params, kernels, batch).compile()
     compile_s = time.perf_counter() - t0
-    times, out, extra = time_calls(lambda: jax.block_until_ready(compiled(params, batch)),
+    times, out, extra = time_calls(lambda: jax.block_until_ready(compiled(params, kernels, batch)),
                                    args.warmup, args.decode_steps)
     lengths, tokens = np.asarray(out.lengths[:, 0]), np.asarray(out.tokens[:, 0])
     return {**timing_fields(times, args.decode_steps, args.warmup,
@@ -337,6 +345,7 @@ def measure_decode(config, shape: Seq2SeqShape, part: str, args: argparse.Namesp
             "new_tokens_min": int(lengths.min()), "new_tokens_max": int(lengths.max()),
             "eos_before_last": int((tokens[:, :shape.new_tokens - 1] == EOS_ID).sum()),
             "alpha": tr.length_penalty, "cache_blocks": tr.cache_blocks, "compile_s": compile_s,
+            "kernel_layout_s": layout_s,
             **extra,
             **mlm_step.memory_analysis_mb(compiled)}
 

@@ -238,28 +238,35 @@ def test_translate_batch_exports_with_a_symbolic_batch_on_the_blocked_top_k_path
     """A 4,096-token vocabulary takes topk's blocked path (vocabulary-major logits when the
     output is tied, (N, V) when not); jax.export must accept it with a symbolic batch (the
     deployment artifact) and agree with the jitted call, also with the decode cache in
-    blocks (one search loop each)."""
+    blocks (one search loop each), and with step kernels laid out once outside the call."""
     from jax import export
 
     from encoder_jax import topk
+    from encoder_jax.seq2seq import decode_kernels
     from encoder_jax.tasks import translate
 
     model, params, source, _ = make(share=True, tie=tie, vocab=(4096, 4096))
     assert topk.block_size(4096, 2 * beam_size, copies=beam_size) is not None
 
-    def run(params, ids, seg):
+    def run(params, ids, seg, kernels=None):
         out = translate.translate_batch(
             model, params, {"source_ids": ids, "source_segment_ids": seg}, beam_size=beam_size,
             alpha=0.6, max_len=6, max_len_a=5, max_len_b=1.2, bos_id=2, eos_id=3,
-            cache_blocks=cache_blocks)
+            cache_blocks=cache_blocks, kernels=kernels)
         return out.tokens, out.scores
 
     batch, length = export.symbolic_shape("b, l", constraints=["l <= 16"])
     rows = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     exported = export.export(jax.jit(run))(params, rows, rows)
     seg = (source != 0).astype(jnp.int32)
-    for got, expected in zip(exported.call(params, source, seg), jax.jit(run)(params, source, seg)):
-        np.testing.assert_allclose(got, expected, atol=1e-6)
+    expected = jax.jit(run)(params, source, seg)
+    for got, want in zip(exported.call(params, source, seg), expected):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    if beam_size == 1:  # one case: the kernels' layout does not depend on the search
+        kernels = decode_kernels(params)
+        assert sorted(kernels) == [f"block_{i}" for i in range(len(kernels))] and kernels
+        for got, want in zip(jax.jit(run)(params, source, seg, kernels), expected):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_a_cache_in_blocks_read_stage_by_stage_equals_the_full_forward_pass():

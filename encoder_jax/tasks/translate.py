@@ -26,7 +26,8 @@ from encoder_jax import workdir as workdir_lib
 from encoder_jax.artifact import detokenize
 from encoder_jax.data import batching, sources, tokenizer as tokenizer_lib
 from encoder_jax.data import translation as data_lib
-from encoder_jax.seq2seq import EncoderDecoder, Seq2SeqConfig, block_ends, reorder_beam_cache
+from encoder_jax.seq2seq import (EncoderDecoder, Seq2SeqConfig, block_ends, decode_kernels,
+                                 reorder_beam_cache)
 from encoder_jax.tasks.base import Task, stateless
 
 log = logging.getLogger("encoder_jax")
@@ -155,15 +156,18 @@ def target_weights(batch: dict[str, jax.Array]) -> jax.Array:
 
 def translate_batch(model: EncoderDecoder, params, batch: dict[str, jax.Array], *, beam_size: int,
                     alpha: float, max_len: int, max_len_a: int, max_len_b: float,
-                    bos_id: int, eos_id: int, cache_blocks: int = 1) -> decode.DecodeOutput:
+                    bos_id: int, eos_id: int, cache_blocks: int = 1,
+                    kernels: dict[str, Any] | None = None) -> decode.DecodeOutput:
     """Beam search (greedy for beam 1) over a batch of sources; pure, jittable. The
     self-attention cache is cut into `cache_blocks` blocks of positions, one search loop
-    each, so a step reads only the blocks filled so far (`decode`'s `stage_ends`)."""
+    each, so a step reads only the blocks filled so far (`decode`'s `stage_ends`).
+    `kernels`: `seq2seq.decode_kernels(params)`, laid out once for many calls (else here)."""
     variables = {"params": params}
     source_seg_BxS = batch["source_segment_ids"]
     encoded_BxSxD = model.apply(variables, batch["source_ids"], source_seg_BxS,
                                 method=EncoderDecoder.encode)
-    source_cache = model.apply(variables, encoded_BxSxD, method=EncoderDecoder.source_cache)
+    source_cache = model.apply(variables, encoded_BxSxD, kernels,
+                               method=EncoderDecoder.source_cache)
     rows = batch["source_ids"].shape[0]
     stage_ends = block_ends(max_len, cache_blocks)
     cache = model.apply(variables, rows, max_len, beam_size, len(stage_ends),
@@ -363,17 +367,18 @@ def predict(config, run: workdir_lib.TrainedRun) -> str:
     beam = max(tr.beam_size, pred_cfg.nbest)
     examples = data_lib.eval_examples([{"source": line, "target": ""} for line in lines],
                                       (run.tokenizer, target_tok), data_cfg.max_len)
-    translate = jax.jit(lambda params, batch: translate_batch(
+    translate = jax.jit(lambda params, kernels, batch: translate_batch(
         model, params, batch, beam_size=beam, alpha=tr.length_penalty, max_len=data_cfg.max_len,
         max_len_a=tr.max_len_a, max_len_b=tr.max_len_b, bos_id=target_tok.cls_id,
-        eos_id=target_tok.sep_id, cache_blocks=tr.cache_blocks))
+        eos_id=target_tok.sep_id, cache_blocks=tr.cache_blocks, kernels=kernels))
+    kernels = jax.jit(decode_kernels)(run.params)  # once, not per batch
     results: dict[int, list[tuple[str, float]]] = {}
     batches = data_lib.eval_batches(examples, global_batch_rows=pred_cfg.batch_size,
                                     pad_lengths=batching.make_pad_lengths(data_cfg.pad_lengths,
                                                                           data_cfg.max_len))
     total = -(-len(examples) // pred_cfg.batch_size)
     for batch in tqdm(batches, total=total, desc="translate", unit="batch"):
-        out = jax.device_get(translate(run.params, batch))
+        out = jax.device_get(translate(run.params, kernels, batch))
         for row, index in enumerate(batch["index"]):
             if batch["weight"][row] > 0:
                 results[int(index)] = [
