@@ -60,7 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.share_embeddings = True  # one table for source, target and output (needs tokenizer.joint)
     c.model.tie_output = True
     c.model.pre_norm = True  # pre-LN (stable for seq2seq); False: post-LN as BERT
-    c.model.dropout_rate = 0.1
+    # demo: none. Its generated pairs are learned by a phase change whose step moved with the
+    # seed under dropout 0.1 (dev BLEU at step 2000: 49.1 with seed 0, 98.9 with seed 1);
+    # without dropout 97.8 and 98+ (seeds 0, 1), 65-89 already at step 1000.
+    c.model.dropout_rate = 0.0 if variant == "demo" else 0.1
     c.model.attention_dropout_rate = 0.0 if small else 0.1
     c.model.activation = "gelu"
     c.model.layer_norm_eps = 1e-6
