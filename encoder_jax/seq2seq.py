@@ -132,8 +132,7 @@ def decode_kernels(params: dict[str, Any]) -> dict[str, Any]:
     predict`) lays them out once and passes them to every `translate_batch` call;
     without them each call transposes its own (tens of ms per call on a CPU).
     """
-    decoder = params["decoder"]
-    return {name: step_kernels(decoder[name]) for name in sorted(decoder)
+    return {name: step_kernels(block) for name, block in params["decoder"].items()
             if name.startswith("block_")}
 
 

@@ -264,7 +264,7 @@ def test_translate_batch_exports_with_a_symbolic_batch_on_the_blocked_top_k_path
         np.testing.assert_allclose(got, want, atol=1e-6)
     if beam_size == 1:  # one case: the kernels' layout does not depend on the search
         kernels = decode_kernels(params)
-        assert sorted(kernels) == [f"block_{i}" for i in range(len(kernels))] and kernels
+        assert set(kernels) == {f"block_{i}" for i in range(model.config.decoder.num_layers)}
         for got, want in zip(jax.jit(run)(params, source, seg, kernels), expected):
             np.testing.assert_array_equal(got, want)
 
