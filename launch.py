@@ -34,9 +34,12 @@ DISK_FULL = (28, 122)  # ENOSPC, EDQUOT
 
 def main(argv):
     del argv
+    from encoder_jax import parallel
+
+    parallel.keep_freed_host_memory()  # before JAX's threads first allocate
     import jax
 
-    from encoder_jax import parallel, reporting, train
+    from encoder_jax import reporting, train
 
     from absl import logging as absl_logging
 

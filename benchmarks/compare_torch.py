@@ -43,9 +43,28 @@ def trial_command(framework: str, shape: str, steps: int, args: argparse.Namespa
     return [*pin, args.torch_python, os.path.join(HERE, "torch_hf_mlm.py"), *common_args]
 
 
-def run_trial(cmd: list[str]) -> dict[str, Any]:
-    """Runs one benchmark process and returns its RESULT record."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+# glibc's malloc settings of `parallel.keep_freed_host_memory`, as the torch process's tunables
+KEEP_FREED_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                       "glibc.malloc.trim_threshold=2147483647")
+
+
+def trial_env(framework: str, host_malloc: str) -> dict[str, str]:
+    """The environment of one trial under `--host_malloc`, glibc's malloc policy.
+
+    keep: both keep freed memory (encoder_jax's default, `parallel.keep_freed_host_memory`;
+    torch through GLIBC_TUNABLES). default: glibc's defaults for both. as_shipped: each
+    framework as it runs out of the box (encoder_jax keeps, torch has glibc's defaults).
+    """
+    env = dict(os.environ, ENCODER_JAX_HOST_MALLOC="default" if host_malloc == "default" else "keep")
+    env.pop("GLIBC_TUNABLES", None)
+    if framework == "torch" and host_malloc == "keep":
+        env["GLIBC_TUNABLES"] = KEEP_FREED_TUNABLES
+    return env
+
+
+def run_trial(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Runs one benchmark process (in `env`, default this one's) and returns its RESULT record."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
         raise RuntimeError(f"trial failed (exit {proc.returncode}): {' '.join(cmd)}")
@@ -74,7 +93,9 @@ def run_rounds(shape: str, rounds: int, steps: int, args: argparse.Namespace
         order = ("jax", "torch") if index % 2 == 0 else ("torch", "jax")
         for framework in order:
             busy, waited = wait_for_quiet(args.quiet_threshold, args.quiet_wait)
-            record = run_trial(trial_command(framework, shape, steps, args))
+            record = run_trial(trial_command(framework, shape, steps, args),
+                               trial_env(framework, args.host_malloc))
+            record["host_malloc"] = args.host_malloc
             record.update(round=index, busy_share_before=busy, quiet_wait_s=waited)
             records[framework].append(record)
             print(f"  round {index + 1}/{rounds} {framework:5s} {shape}: "
@@ -198,6 +219,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="before each trial, wait until the machine is busier than this share no more")
     p.add_argument("--quiet_wait", type=float, default=15.0,
                    help="at most this many seconds of waiting per trial (0: never wait)")
+    p.add_argument("--host_malloc", default="keep", choices=("keep", "default", "as_shipped"),
+                   help="glibc malloc policy: keep (both keep freed memory: encoder_jax's default, "
+                        "parallel.keep_freed_host_memory; GLIBC_TUNABLES for torch), default "
+                        "(glibc's own for both) or as_shipped (each framework out of the box)")
     p.add_argument("--cores", type=int, default=0,
                    help="pin both sides to the first N cores with taskset (0: all; torch threads follow)")
     p.add_argument("--xla_flags", default=None, help="passed to mlm_step.py (default: its own)")

@@ -184,6 +184,7 @@ def run_one(shape_name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from encoder_jax import parallel, train
 
+    host_malloc = "keep" if parallel.keep_freed_host_memory() else "default"  # as launch.py
     rss_import = common.current_rss_bytes()
     config = benchmark_config(args.config_variant or shape_name, shape)
     task, slots = build_task(config, shape)
@@ -211,7 +212,7 @@ def run_one(shape_name: str, args: argparse.Namespace) -> dict[str, Any]:
         "rss_start_mb": rss_start / 2 ** 20, "rss_after_import_mb": rss_import / 2 ** 20, **extra,
         **memory_analysis_mb(compiled),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
-        **common.machine_info(),
+        "host_malloc": host_malloc, **common.machine_info(),
     }
     return record
 

@@ -356,6 +356,9 @@ def run_one(shape_name: str, part: str, args: argparse.Namespace) -> dict[str, A
     rss_start = common.current_rss_bytes()
     import jax
 
+    from encoder_jax import parallel
+
+    host_malloc = "keep" if parallel.keep_freed_host_memory() else "default"  # as launch.py
     rss_import = common.current_rss_bytes()
     config = benchmark_config(args.config_variant, shape, args.attention_dropout)
     if args.cache_blocks:
@@ -365,7 +368,8 @@ def run_one(shape_name: str, part: str, args: argparse.Namespace) -> dict[str, A
     return {**base_record("jax", shape_name, part, shape), **fields, "settings": settings(config),
             "config_variant": args.config_variant, "rss_start_mb": rss_start / 2 ** 20,
             "rss_after_import_mb": rss_import / 2 ** 20,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
+            "host_malloc": host_malloc}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -136,3 +136,30 @@ def release_freed_host_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters
+
+
+def keep_freed_host_memory() -> bool:
+    """Makes glibc keep freed host memory mapped for reuse; call before JAX's first computation.
+
+    By default glibc hands large freed blocks back to the OS (munmap, heap trims), so each
+    train step maps its temporaries afresh: the Transformer-base translation step on 2 CPU
+    cores takes ~190,000 page faults and ~0.5 s of system time per step. One malloc arena,
+    no mmap'd blocks and no automatic trimming let every step reuse the same pages (peak RSS
+    does not grow: the same buffers come back). Must run before XLA's threads first allocate:
+    each thread that allocates earlier gets an arena of its own. `launch.py` calls it;
+    ENCODER_JAX_HOST_MALLOC=default keeps glibc's behaviour. Returns whether it was applied
+    (False there, or where the C library has no `mallopt`).
+    """
+    import os
+
+    if os.environ.get("ENCODER_JAX_HOST_MALLOC", "keep") == "default":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all([mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0),
+                mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))])
