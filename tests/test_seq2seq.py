@@ -313,13 +313,13 @@ def test_remat_mlp_keeps_params_loss_and_gradients_and_recomputes_the_activation
                                           rngs={"dropout": jax.random.key(3)}) ** 2)
 
     (base_loss, base_grads), (remat_loss, remat_grads) = (
-        jax.value_and_grad(loss(m))(params) for m in (model, remat))
+        jax.jit(jax.value_and_grad(loss(m)))(params) for m in (model, remat))
     np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                            remat_grads, base_grads)
 
     def saved_hidden_activations(m):  # residuals of the forward pass with the feed-forward width
-        _, vjp = jax.vjp(loss(m), params)
+        _, vjp = jax.jit(lambda p: jax.vjp(loss(m), p))(params)
         return sum(x.ndim == 3 and x.shape[-1] == cfg.encoder.mlp_dim
                    for x in jax.tree_util.tree_leaves(vjp))
 
