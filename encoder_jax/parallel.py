@@ -147,15 +147,19 @@ def keep_freed_host_memory() -> bool:
     By default glibc hands large freed blocks back to the OS (munmap, heap trims), so each
     train step maps its temporaries afresh: the Transformer-base translation step on 2 CPU
     cores takes ~190,000 page faults and ~0.5 s of system time per step. One malloc arena,
-    no mmap'd blocks and no automatic trimming let every step reuse the same pages (peak RSS
-    does not grow: the same buffers come back). Must run before XLA's threads first allocate:
+    no mmap'd blocks and no automatic trimming let every step reuse the same pages (usually
+    a lower peak RSS; rarely one step's temporaries more, when a small allocation splits
+    the hole they left: docs/scale.md). Must run before XLA's threads first allocate:
     each thread that allocates earlier gets an arena of its own. `launch.py` calls it;
     ENCODER_JAX_HOST_MALLOC=default keeps glibc's behaviour. Returns whether it was applied
     (False there, or where the C library has no `mallopt`).
     """
     import os
 
-    if os.environ.get("ENCODER_JAX_HOST_MALLOC", "keep") == "default":
+    policy = os.environ.get("ENCODER_JAX_HOST_MALLOC", "keep")
+    if policy not in ("keep", "default"):
+        raise errors.ConfigError(f"ENCODER_JAX_HOST_MALLOC={policy!r}; valid: keep, default")
+    if policy == "default":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

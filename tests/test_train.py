@@ -291,7 +291,7 @@ print(applied, counts[0])
 
 
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="needs glibc's mallopt")
-def test_kept_host_memory_is_reused_without_page_faults_and_the_default_is_glibcs():
+def test_kept_host_memory_is_reused_without_page_faults_and_the_default_is_glibcs(monkeypatch):
     def run(policy):
         out = subprocess.run([sys.executable, "-c", _FAULTS_PER_REALLOCATION], check=True,
                              capture_output=True, text=True,
@@ -300,6 +300,9 @@ def test_kept_host_memory_is_reused_without_page_faults_and_the_default_is_glibc
 
     (kept, kept_faults), (default, default_faults) = run("keep"), run("default")
     assert kept and not default
+    monkeypatch.setenv("ENCODER_JAX_HOST_MALLOC", "kept")  # checked before any mallopt call
+    with pytest.raises(errors.ConfigError, match=r"ENCODER_JAX_HOST_MALLOC='kept'; valid: keep, default"):
+        parallel.keep_freed_host_memory()
     # glibc maps each 64 MiB block afresh: >= one fault per 2 MiB (huge) page, 5 blocks
     assert default_faults >= 5 * (2**26 // 2**21)
     assert kept_faults < default_faults // 10
