@@ -59,7 +59,7 @@ def run_rounds(shape: str, parts: list[str], args: argparse.Namespace
                 busy, waited = compare_torch.wait_for_quiet(args.quiet_threshold, args.quiet_wait)
                 record = compare_torch.run_trial(trial_command(framework, shape, part, args),
                                                  compare_torch.trial_env(framework, args.host_malloc))
-                record["host_malloc"] = args.host_malloc
+                record["host_malloc_policy"] = args.host_malloc
                 record.update(round=index, busy_share_before=busy, quiet_wait_s=waited)
                 records.setdefault((part, framework), []).append(record)
                 print(f"  round {index + 1}/{args.repeats} {framework:5s} {part:6s}: "
@@ -195,10 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="before each trial, wait until the machine is busier than this share no more")
     p.add_argument("--quiet_wait", type=float, default=15.0,
                    help="at most this many seconds of waiting per trial (0: never wait)")
-    p.add_argument("--host_malloc", default="keep", choices=("keep", "default", "as_shipped"),
-                   help="glibc malloc policy: keep (both keep freed memory: encoder_jax's default, "
-                        "parallel.keep_freed_host_memory; GLIBC_TUNABLES for torch), default "
-                        "(glibc's own for both) or as_shipped (each framework out of the box)")
+    compare_torch.add_host_malloc_flag(p)
     p.add_argument("--cores", type=int, default=0,
                    help="pin both sides to the first N cores with taskset (0: all; torch threads follow)")
     p.add_argument("--xla_flags", default=None, help="passed to translate_step.py (default: its own)")

@@ -62,6 +62,14 @@ def trial_env(framework: str, host_malloc: str) -> dict[str, str]:
     return env
 
 
+def add_host_malloc_flag(parser: argparse.ArgumentParser) -> None:
+    """`--host_malloc` (see `trial_env`), shared with compare_marian.py."""
+    parser.add_argument("--host_malloc", default="keep", choices=("keep", "default", "as_shipped"),
+                        help="glibc malloc policy: keep (both keep freed memory: encoder_jax's "
+                             "default, parallel.keep_freed_host_memory; GLIBC_TUNABLES for torch), "
+                             "default (glibc's own for both) or as_shipped (each out of the box)")
+
+
 def run_trial(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Runs one benchmark process (in `env`, default this one's) and returns its RESULT record."""
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -95,7 +103,7 @@ def run_rounds(shape: str, rounds: int, steps: int, args: argparse.Namespace
             busy, waited = wait_for_quiet(args.quiet_threshold, args.quiet_wait)
             record = run_trial(trial_command(framework, shape, steps, args),
                                trial_env(framework, args.host_malloc))
-            record["host_malloc"] = args.host_malloc
+            record["host_malloc_policy"] = args.host_malloc
             record.update(round=index, busy_share_before=busy, quiet_wait_s=waited)
             records[framework].append(record)
             print(f"  round {index + 1}/{rounds} {framework:5s} {shape}: "
@@ -219,10 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="before each trial, wait until the machine is busier than this share no more")
     p.add_argument("--quiet_wait", type=float, default=15.0,
                    help="at most this many seconds of waiting per trial (0: never wait)")
-    p.add_argument("--host_malloc", default="keep", choices=("keep", "default", "as_shipped"),
-                   help="glibc malloc policy: keep (both keep freed memory: encoder_jax's default, "
-                        "parallel.keep_freed_host_memory; GLIBC_TUNABLES for torch), default "
-                        "(glibc's own for both) or as_shipped (each framework out of the box)")
+    add_host_malloc_flag(p)
     p.add_argument("--cores", type=int, default=0,
                    help="pin both sides to the first N cores with taskset (0: all; torch threads follow)")
     p.add_argument("--xla_flags", default=None, help="passed to mlm_step.py (default: its own)")
