@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -21,6 +22,25 @@ from encoder_jax.workdir import METRICS_FILE, write_text
 log = logging.getLogger("encoder_jax")
 
 
+def summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without PyTorch.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch tensors (this
+    project logs floats and strings): seconds and hundreds of MB in every run process. A torch
+    the process has already imported is used as it is.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Appends {step, split, **scalars} lines to metrics.jsonl and mirrors them to TensorBoard."""
 
@@ -29,9 +49,7 @@ class MetricWriter:
         self.path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
         if enabled and tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+            self._tb = summary_writer_class()(os.path.join(workdir, "tensorboard"), flush_secs=30)
 
     def write(self, step: int, split: str, scalars: dict[str, Any]) -> None:
         if not self.enabled:
@@ -75,11 +93,17 @@ def _record_step(line: str) -> int | None:
         return None
 
 
-def write_text_summary(workdir: str, tag: str, text: str, step: int) -> None:
-    """A text entry (e.g. sample translations) in the run's TensorBoard events."""
-    from tensorboardX import SummaryWriter
+_TEXT_FILES = itertools.count()
 
-    with SummaryWriter(os.path.join(workdir, "tensorboard")) as writer:
+
+def write_text_summary(workdir: str, tag: str, text: str, step: int) -> None:
+    """A text entry (e.g. sample translations) in the run's TensorBoard events.
+
+    Its own events file: tensorboardX names files by the second and overwrites a namesake
+    (the run's scalars, or an earlier text in the same second).
+    """
+    suffix = f".text.{os.getpid()}.{next(_TEXT_FILES)}"
+    with summary_writer_class()(os.path.join(workdir, "tensorboard"), filename_suffix=suffix) as writer:
         writer.add_text(tag, text, step)
 
 

@@ -96,7 +96,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_tokens = {"smoke": 256, "demo": 2048}.get(variant, 4096)  # tokens per global batch
     c.data.batch_multiple = 8  # rows per batch are a multiple of this (devices)
     c.data.window = 4096  # examples per length-sorting window
-    c.data.max_train_examples = config_dict.placeholder(int)
+    c.data.max_train_examples = config_dict.placeholder(int)  # the first N pairs; None: all
+    if variant == "smoke":
+        c.data.max_train_examples = 2000
     c.data.max_eval_examples = 64 if variant == "smoke" else config_dict.placeholder(int)
     c.data.workers = 0
     c.data.prefetch = 2
