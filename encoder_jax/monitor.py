@@ -8,6 +8,7 @@ checks them for non-finite values, and writes window means every
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import resource
@@ -39,10 +40,12 @@ def non_finite_error(what: str, step: int, checkpointer) -> errors.NonFiniteErro
         f"or set opt.grad_clip_norm)")
 
 
+@functools.cache
 def measure_peak_flops(dim: int = 2048, repeats: int = 10) -> float:
     """Best achieved float32 matmul FLOP/s of one device: the CPU's stand-in for a data-sheet peak.
 
-    The best of several runs, so that a busy machine understates the peak least.
+    The best of several runs, so that a busy machine understates the peak least; measured
+    once per process (a second run in a notebook reuses it, and its MFU has the same base).
     """
     x = jnp.ones((dim, dim), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)

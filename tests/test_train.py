@@ -26,9 +26,9 @@ def _params(workdir):
 
 def test_loss_falls_on_a_tiny_corpus(corpus_files, data_cache, tmp_path):
     config = tiny_config(corpus_files, data_cache, **{
-        "train.num_steps": 500, "opt.learning_rate": 5e-3, "opt.warmup_steps": 10,
+        "train.num_steps": 300, "opt.learning_rate": 5e-3, "opt.warmup_steps": 10,
         "data.batch_size": 16, "eval.max_batches": None,
-        "eval.every_steps": 500, "ckpt.every_steps": 500, "model.dropout_rate": 0.0,
+        "eval.every_steps": 300, "ckpt.every_steps": 300, "model.dropout_rate": 0.0,
         "model.attention_dropout_rate": 0.0, "model.hidden_dim": 64, "model.num_heads": 4,
         "model.mlp_dim": 128, "model.num_layers": 2, "train.log_every": 10})
     result = train.run(config, str(tmp_path))
