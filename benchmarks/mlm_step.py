@@ -43,6 +43,11 @@ NUM_SPECIAL = 5
 MASK_ID = 4
 
 
+# experiments/bert_mlm.py variant whose optimizer / model settings a shape uses by default
+# (the shape's own name where the experiment has that variant).
+DEFAULT_VARIANTS = {"tiny": "default"}
+
+
 def load_experiment_config(variant: str):
     """`experiments/bert_mlm.py:<variant>` (loaded by path: the library never imports experiments)."""
     path = os.path.join(REPO_ROOT, "experiments", "bert_mlm.py")
@@ -186,7 +191,7 @@ def run_one(shape_name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     host_malloc = "keep" if parallel.keep_freed_host_memory() else "default"  # as launch.py
     rss_import = common.current_rss_bytes()
-    config = benchmark_config(args.config_variant or shape_name, shape)
+    config = benchmark_config(args.config_variant or DEFAULT_VARIANTS.get(shape_name, shape_name), shape)
     task, slots = build_task(config, shape)
     steps = args.base_steps if shape_name == "base" and args.base_steps else args.steps
     compiled, state, key, batch_sharding, compile_s = compile_train_step(
@@ -228,7 +233,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak_flops", type=float, default=0.0,
                    help="FLOP/s for MFU (0: measure the float32 matmul peak, train.measure_peak_flops)")
     p.add_argument("--config_variant", default="",
-                   help="experiments/bert_mlm.py variant for opt/model settings (default: the shape name)")
+                   help="experiments/bert_mlm.py variant for opt/model settings (default: the shape name; "
+                        "tiny: default)")
     p.add_argument("--xla_flags", default=None,
                    help=f"XLA_FLAGS for the measured process (default: $XLA_FLAGS, else {DEFAULT_XLA_FLAGS!r})")
     p.add_argument("--out", default="", help="append one JSON line per shape to this file")
