@@ -41,6 +41,18 @@ def summary_writer_class() -> type:
     return SummaryWriter
 
 
+_EVENTS_FILES = itertools.count()
+
+
+def events_file_suffix(kind: str) -> str:
+    """A suffix that makes each writer's events file its own.
+
+    tensorboardX names files by the second and host and opens them with "wb": a second writer
+    in the same second (a text summary, a rerun) would truncate the first one's file.
+    """
+    return f".{kind}.{os.getpid()}.{next(_EVENTS_FILES)}"
+
+
 class MetricWriter:
     """Appends {step, split, **scalars} lines to metrics.jsonl and mirrors them to TensorBoard."""
 
@@ -49,7 +61,8 @@ class MetricWriter:
         self.path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
         if enabled and tensorboard:
-            self._tb = summary_writer_class()(os.path.join(workdir, "tensorboard"), flush_secs=30)
+            self._tb = summary_writer_class()(os.path.join(workdir, "tensorboard"), flush_secs=30,
+                                              filename_suffix=events_file_suffix("scalars"))
 
     def write(self, step: int, split: str, scalars: dict[str, Any]) -> None:
         if not self.enabled:
@@ -93,17 +106,13 @@ def _record_step(line: str) -> int | None:
         return None
 
 
-_TEXT_FILES = itertools.count()
-
-
 def write_text_summary(workdir: str, tag: str, text: str, step: int) -> None:
     """A text entry (e.g. sample translations) in the run's TensorBoard events.
 
-    Its own events file: tensorboardX names files by the second and overwrites a namesake
-    (the run's scalars, or an earlier text in the same second).
+    Its own events file (`events_file_suffix`).
     """
-    suffix = f".text.{os.getpid()}.{next(_TEXT_FILES)}"
-    with summary_writer_class()(os.path.join(workdir, "tensorboard"), filename_suffix=suffix) as writer:
+    with summary_writer_class()(os.path.join(workdir, "tensorboard"),
+                                filename_suffix=events_file_suffix("text")) as writer:
         writer.add_text(tag, text, step)
 
 

@@ -35,11 +35,12 @@ def test_import_starts_no_work_and_every_public_name_resolves():
     assert ej.train.run is not None and ej.__version__
 
 
-def test_a_run_writes_tensorboard_events_without_importing_torch(tmp_path):
+def test_a_run_writes_tensorboard_events_without_importing_torch_or_truncating_them(tmp_path):
     """tensorboardX imports torch whenever it is installed: seconds and memory in every run."""
     out = subprocess.run([sys.executable, "-c", (
         "import importlib.util, sys; from encoder_jax import reporting; "
         "w = reporting.MetricWriter(sys.argv[1]); w.write(1, 'train', {'loss': 2.5}); w.close(); "
+        "w = reporting.MetricWriter(sys.argv[1]); w.write(2, 'eval', {'bleu': 9.5}); w.close(); "
         "reporting.write_text_summary(sys.argv[1], 'eval/samples', 'a line', 1); "
         "print(importlib.util.find_spec('torch') is not None, 'torch' in sys.modules)"), str(tmp_path)],
         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
@@ -49,7 +50,8 @@ def test_a_run_writes_tensorboard_events_without_importing_torch(tmp_path):
         pytest.skip("torch is not installed")
     assert imported == "False"
     events = b"".join(p.read_bytes() for p in (tmp_path / "tensorboard").iterdir())
-    assert b"train/loss" in events and b"eval/samples" in events
+    # Writers opened in the same second keep their own files (tensorboardX truncates a namesake).
+    assert b"train/loss" in events and b"eval/bleu" in events and b"eval/samples" in events
 
 
 def write_hf_bert(directory, seed=0):
