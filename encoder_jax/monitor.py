@@ -45,7 +45,8 @@ def measure_peak_flops(dim: int = 2048, repeats: int = 10) -> float:
     """Best achieved float32 matmul FLOP/s of one device: the CPU's stand-in for a data-sheet peak.
 
     The best of several runs, so that a busy machine understates the peak least; measured
-    once per process (a second run in a notebook reuses it, and its MFU has the same base).
+    once per process on the default device (a second run in a notebook reuses it, and its
+    MFU has the same base).
     """
     x = jnp.ones((dim, dim), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)

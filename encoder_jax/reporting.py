@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -22,14 +23,16 @@ from encoder_jax.workdir import METRICS_FILE, write_text
 log = logging.getLogger("encoder_jax")
 
 
+@functools.cache
 def summary_writer_class() -> type:
     """tensorboardX's SummaryWriter, imported without PyTorch.
 
     tensorboardX imports torch whenever it is installed, only to accept torch tensors (this
     project logs floats and strings): seconds and hundreds of MB in every run process. A torch
-    the process has already imported is used as it is.
+    or tensorboardX the process has already imported is used as it is; torch stays hidden only
+    for the first import of tensorboardX (a later `import torch` works).
     """
-    if "torch" in sys.modules:
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
         from tensorboardX import SummaryWriter
 
         return SummaryWriter
@@ -169,9 +172,17 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-# Fixed margins that fit the tick labels of any scale (offset notation keeps them short):
-# half the time of tight_layout, which draws each figure once more to measure it.
-_PLOT_MARGINS = {"left": 0.14, "right": 0.97, "bottom": 0.14, "top": 0.95}
+# Margins set from the tick labels' text: half the time of tight_layout, which draws each
+# figure once more to measure it. Y labels stay short: scientific notation outside 1e-3..1e4,
+# an offset for small changes on a large value.
+_PLOT_MARGINS = {"right": 0.97, "bottom": 0.14, "top": 0.93}
+
+
+def _left_margin(fig, ax) -> float:
+    """The figure fraction the y tick labels and the axis label need (~9 px per 10-pt character)."""
+    labels = ax.yaxis.get_major_formatter().format_ticks(ax.yaxis.get_majorticklocs())
+    width_px = 9 * max((len(label) for label in labels), default=1) + 40
+    return min(0.4, width_px / (fig.get_figwidth() * fig.dpi))
 
 
 def plot_curves(workdir: str) -> list[str]:
@@ -194,14 +205,15 @@ def plot_curves(workdir: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for metric, by_split in sorted(series.items()):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        fig.subplots_adjust(**_PLOT_MARGINS)
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         for split, (xs, ys) in sorted(by_split.items()):
             ax.plot(xs, ys, label=split, marker="." if len(xs) < 50 else None)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=True)
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
+        fig.subplots_adjust(left=_left_margin(fig, ax), **_PLOT_MARGINS)
         path = os.path.join(out_dir, f"{metric.replace('/', '_')}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)

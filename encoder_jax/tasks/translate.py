@@ -334,7 +334,7 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
 
 
 class _Head:
-    """The first `count` records of a source (max_eval_examples)."""
+    """The first `count` records of a source (data.max_train_examples, max_eval_examples)."""
 
     def __init__(self, source, count: int):
         self._source, self._count = source, count
