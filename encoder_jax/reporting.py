@@ -110,11 +110,12 @@ def _record_step(line: str) -> int | None:
 
 
 def write_text_summary(workdir: str, tag: str, text: str, step: int) -> None:
-    """A text entry (e.g. sample translations) in the run's TensorBoard events.
+    """A text entry (e.g. sample translations) in `tensorboard/samples/`, its own events file.
 
-    Its own events file (`events_file_suffix`).
+    Not beside the scalars: TensorBoard follows only the newest events file of a directory,
+    so a text file written at each eval would stop the live scalar curves.
     """
-    with summary_writer_class()(os.path.join(workdir, "tensorboard"),
+    with summary_writer_class()(os.path.join(workdir, "tensorboard", "samples"),
                                 filename_suffix=events_file_suffix("text")) as writer:
         writer.add_text(tag, text, step)
 

@@ -45,9 +45,12 @@ def test_a_run_writes_tensorboard_events_without_importing_torch_or_truncating_t
         "print(importlib.util.find_spec('torch') is not None, 'torch' in sys.modules)"), str(tmp_path)],
         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
-    events = b"".join(p.read_bytes() for p in (tmp_path / "tensorboard").iterdir())
-    # Writers opened in the same second keep their own files (tensorboardX truncates a namesake).
-    assert b"train/loss" in events and b"eval/bleu" in events and b"eval/samples" in events
+    scalars = b"".join(p.read_bytes() for p in (tmp_path / "tensorboard").iterdir() if p.is_file())
+    # Writers opened in the same second keep their own files (tensorboardX truncates a namesake);
+    # texts go to a directory of their own (TensorBoard follows a directory's newest file only).
+    assert b"train/loss" in scalars and b"eval/bleu" in scalars and b"eval/samples" not in scalars
+    texts = b"".join(p.read_bytes() for p in (tmp_path / "tensorboard" / "samples").iterdir())
+    assert b"eval/samples" in texts
     installed, imported = out.stdout.split()
     if installed != "True":
         pytest.skip("torch is not installed: nothing to keep out")
