@@ -73,16 +73,27 @@ def tiny_config(corpus_files, data_cache, **overrides):
     return override(config, overrides)
 
 
+_OWN_COMPILE_CACHE: list[str] = []  # the cache directory this process made (and removes)
+
+
 def pytest_configure(config):
     # One persistent XLA compilation cache for the session, its xdist workers and every
     # subprocess they start (launch.py runs): the same tiny programs compile once.
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         import tempfile
 
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="encoder_jax_jit_cache_")
+        _OWN_COMPILE_CACHE.append(tempfile.mkdtemp(prefix="encoder_jax_jit_cache_"))
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_COMPILE_CACHE[0]
     # The tests run tiny programs, so compiling dominates: XLA skips its expensive
     # optimisation passes (for the workers and subprocesses too), about a fifth of the wall time.
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
     import jax
 
     jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    for directory in _OWN_COMPILE_CACHE:
+        shutil.rmtree(directory, ignore_errors=True)
