@@ -296,9 +296,9 @@ def build(config, workdir: str | None, shard_index: int = 0, shard_count: int = 
             source_tok.save(workdir)
         workdir_lib.write_model_record(workdir, model_record(cfg, joint))
     tokenizers = (source_tok, target_tok)
-    used = len(splits["train"]) if data_cfg.max_train_examples is None else data_cfg.max_train_examples
-    dropped, checked = data_lib.count_too_long(_Head(splits["train"], min(used, len(splits["train"]))),
-                                               tokenizers, data_cfg.max_len)
+    train_size = len(splits["train"])
+    used = _Head(splits["train"], min(data_cfg.max_train_examples or train_size, train_size))
+    dropped, checked = data_lib.count_too_long(used, tokenizers, data_cfg.max_len)
     if dropped == checked:
         raise errors.ConfigError(f"every training pair checked ({checked}) is empty or longer than "
                                  f"data.max_len={data_cfg.max_len} tokens; raise data.max_len")
