@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from encoder_jax import errors
 from encoder_jax import checkpoint as checkpoint_lib
@@ -27,9 +28,17 @@ from encoder_jax import workdir as workdir_lib
 log = logging.getLogger("encoder_jax")
 
 NORM_METRICS = ("grad_norm", "param_norm", "update_norm", "learning_rate")
-# A NaN or inf in the new parameters shows in param_norm, one in the optimizer state that
-# reaches the update in update_norm; the whole state is checked before each checkpoint.
+# Checked after every step: a NaN or inf reaches the parameters only through a non-finite
+# update (update_norm), which a non-finite gradient (grad_norm) or optimizer-state entry
+# causes. param_norm is checked at log steps, where the trainer adds it (`param_norm`);
+# the whole state is checked before each checkpoint.
 FINITE_CHECKED = ("loss", "grad_norm", "update_norm", "param_norm")
+
+
+@jax.jit
+def param_norm(params: Any) -> jax.Array:
+    """() float32: the global L2 norm of the parameters (a log-step metric, not part of the step)."""
+    return optax.global_norm(params)
 
 
 def non_finite_error(what: str, step: int, checkpointer) -> errors.NonFiniteError:
@@ -104,6 +113,10 @@ class StepLogger:
     def restart_clock(self) -> None:
         self.window = {"sums": None, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
 
+    def logs_at(self, done_step: int) -> bool:
+        """Whether step `done_step` ends a window (writes a log line and the scalars)."""
+        return done_step % self.log_every == 0 or done_step == self.num_steps
+
     def push(self, done_step: int, metrics: Any, tokens: int) -> None:
         """Takes step `done_step`'s (device) metrics; absorbs the previous step's."""
         self.flush()
@@ -116,15 +129,16 @@ class StepLogger:
 
     def _absorb(self, done_step: int, metrics: Any, tokens: int) -> None:
         metrics = jax.device_get(metrics)
-        bad = [name for name in FINITE_CHECKED if not np.isfinite(metrics[name])]
+        bad = [name for name in FINITE_CHECKED if name in metrics and not np.isfinite(metrics[name])]
         if bad:  # checked before this step's checkpoint is written, so none holds non-finite values
             raise non_finite_error(", ".join(bad), done_step, self.checkpointer)
         window = self.window
-        window["sums"] = metrics if window["sums"] is None else {
-            k: window["sums"][k] + metrics[k] for k in metrics}
+        sums = {k: v for k, v in metrics.items() if k != "param_norm"}
+        window["sums"] = sums if window["sums"] is None else {
+            k: window["sums"][k] + sums[k] for k in sums}
         window["steps"] += 1
         window["tokens"] += tokens
-        if done_step % self.log_every and done_step != self.num_steps:
+        if not self.logs_at(done_step):
             return
         scalars = self._scalars(metrics)
         self.writer.write(done_step, "train", scalars)

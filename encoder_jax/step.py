@@ -96,8 +96,9 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule, accu
             learning_rate, factor = budget.lr_factor(schedule, state["elapsed_s"])
             updates = jax.tree_util.tree_map(lambda u: (u * factor).astype(u.dtype), updates)
         params = optax.apply_updates(state["params"], updates)
+        # No param_norm here: the trainer reads it off the state at log steps
+        # (`monitor.param_norm`); in the step it cost another pass over every parameter.
         metrics = {**sums, "grad_norm": optax.global_norm(grads),
-                   "param_norm": optax.global_norm(params),
                    "update_norm": optax.global_norm(updates), "learning_rate": learning_rate}
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         if "model_state" in state:

@@ -35,8 +35,12 @@ def test_loss_falls_on_a_tiny_corpus(corpus_files, data_cache, tmp_path):
     losses = [r["loss"] for r in _metrics(str(tmp_path))]
     assert np.mean(losses[-3:]) < losses[0] - 0.5, losses
     assert result["loss"] < result["unigram_loss"], result
-    for name in ("tokens_per_s", "step_time_s", "mfu", "peak_memory_mb", "grad_norm"):
-        assert name in _metrics(str(tmp_path))[-1]
+    last = _metrics(str(tmp_path))[-1]
+    for name in ("tokens_per_s", "step_time_s", "mfu", "peak_memory_mb", "grad_norm", "update_norm"):
+        assert name in last
+    # param_norm is read off the state at log steps: the final one is the saved params' norm.
+    saved = np.sqrt(sum(float(np.sum(np.square(p))) for p in _params(str(tmp_path))))
+    assert last["step"] == 300 and last["param_norm"] == pytest.approx(saved, rel=1e-5)
     assert os.path.isfile(tmp_path / "plots" / "loss.png")
     assert os.path.isfile(tmp_path / "tokenizer.model")
     assert json.load(open(tmp_path / "config.json"))["opt"]["name"] == "adamw"
