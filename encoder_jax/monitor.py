@@ -117,9 +117,14 @@ class StepLogger:
         """Whether step `done_step` ends a window (writes a log line and the scalars)."""
         return done_step % self.log_every == 0 or done_step == self.num_steps
 
-    def push(self, done_step: int, metrics: Any, tokens: int) -> None:
-        """Takes step `done_step`'s (device) metrics; absorbs the previous step's."""
+    def push(self, done_step: int, metrics: Any, tokens: int, params: Any = None) -> None:
+        """Takes step `done_step`'s (device) metrics; absorbs the previous step's.
+
+        `params` (the state's after the step) give `param_norm` at log steps.
+        """
         self.flush()
+        if params is not None and self.logs_at(done_step):
+            metrics = {**metrics, "param_norm": param_norm(params)}
         self.pending = (done_step, metrics, tokens)
 
     def flush(self) -> None:
@@ -154,10 +159,11 @@ class StepLogger:
         scalars = self.task.summarize({k: sums[k] for k in sums if k not in NORM_METRICS})
         step_time = elapsed / steps
         scalars.update({k: float(sums[k]) / steps for k in ("grad_norm", "update_norm")},
-                       param_norm=float(last_metrics["param_norm"]),
                        learning_rate=float(last_metrics["learning_rate"]),
                        step_time_s=step_time, tokens_per_s=window["tokens"] / elapsed,
                        peak_memory_mb=peak_memory_bytes() / 2 ** 20)
+        if "param_norm" in last_metrics:  # given with the params (`push`)
+            scalars["param_norm"] = float(last_metrics["param_norm"])
         if self.flops_per_step:
             scalars["mfu"] = self.flops_per_step / (step_time * self.peak)
             scalars["tflops_per_step"] = self.flops_per_step / 1e12

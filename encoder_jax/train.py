@@ -323,9 +323,7 @@ def train_steps(config, workdir: str) -> dict[str, Any]:
             host_batch = next(s.train_iter)
             batch = parallel.put_batch(host_batch, s.batch_sharding)
             state, metrics = s.compiled_for(batch)(state, batch, s.train_key)
-            if logger.logs_at(step + 1):
-                metrics = {**metrics, "param_norm": monitor.param_norm(state["params"])}
-            logger.push(step + 1, metrics, task.tokens_in_batch(host_batch))
+            logger.push(step + 1, metrics, task.tokens_in_batch(host_batch), state["params"])
             done, out_of_time = step + 1, clock.spent()
             if task.eval_batches is not None and (done % trainer.eval.every_steps == 0
                                                   or done == num_steps or out_of_time):

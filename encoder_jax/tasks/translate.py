@@ -34,11 +34,9 @@ log = logging.getLogger("encoder_jax")
 
 TARGET_TOKENIZER_DIR = "target_tokenizer"  # <workdir>/target_tokenizer/: a separate target model
 TRANSLATIONS_DIR = "translations"  # <workdir>/translations/step_N.txt: samples and all hypotheses
-# Logits per chunk of the fused output layer + loss: one chunk's float32 logits (rows x V,
-# 64 MiB) is all of the V-way output that exists at a time; 512 rows at V = 32k, one chunk
-# for a small vocabulary. At the Transformer-base shape (batch 16 x 64 targets) 512 rows
-# instead of 256 took the output layer's gradient 0.997 -> 0.912 s on 2 CPU cores (fewer
-# loop trips and (V, D) accumulations) for ~125 MiB more of XLA's temporaries.
+# Logits per chunk of the fused output layer + loss (64 MiB float32): 512 rows at V = 32k,
+# one chunk for a small vocabulary. 512 rows, not 256: the Transformer-base output layer's
+# gradient 0.997 -> 0.912 s on 2 CPU cores for ~125 MiB more temporaries.
 OUTPUT_CHUNK_FLOATS = 2 ** 24
 
 
