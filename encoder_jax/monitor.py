@@ -30,7 +30,7 @@ log = logging.getLogger("encoder_jax")
 NORM_METRICS = ("grad_norm", "param_norm", "update_norm", "learning_rate")
 # Checked after every step: a NaN or inf reaches the parameters only through a non-finite
 # update (update_norm), which a non-finite gradient (grad_norm) or optimizer-state entry
-# causes. param_norm is checked at log steps, where the trainer adds it (`param_norm`);
+# causes. param_norm is checked at log steps, where `StepLogger.push` adds it;
 # the whole state is checked before each checkpoint.
 FINITE_CHECKED = ("loss", "grad_norm", "update_norm", "param_norm")
 
