@@ -28,11 +28,12 @@ from encoder_jax import workdir as workdir_lib
 log = logging.getLogger("encoder_jax")
 
 NORM_METRICS = ("grad_norm", "param_norm", "update_norm", "learning_rate")
-# Checked after every step: a NaN or inf reaches the parameters only through a non-finite
-# update (update_norm), which a non-finite gradient (grad_norm) or optimizer-state entry
-# causes. param_norm is checked at log steps, where `StepLogger.push` adds it;
-# the whole state is checked before each checkpoint.
+# Checked after every step: in a step a NaN or inf reaches the parameters through a
+# non-finite update (update_norm), which a non-finite gradient (grad_norm) or
+# optimizer-state entry causes. param_norm is checked at log steps, where
+# `StepLogger.push` adds it; the whole state is checked before each checkpoint.
 FINITE_CHECKED = ("loss", "grad_norm", "update_norm", "param_norm")
+LOG_STEP_ONLY = ("param_norm",)  # absent from the other steps' metrics
 
 
 @jax.jit
@@ -134,11 +135,12 @@ class StepLogger:
 
     def _absorb(self, done_step: int, metrics: Any, tokens: int) -> None:
         metrics = jax.device_get(metrics)
-        bad = [name for name in FINITE_CHECKED if name in metrics and not np.isfinite(metrics[name])]
+        bad = [name for name in FINITE_CHECKED
+               if (name in metrics or name not in LOG_STEP_ONLY) and not np.isfinite(metrics[name])]
         if bad:  # checked before this step's checkpoint is written, so none holds non-finite values
             raise non_finite_error(", ".join(bad), done_step, self.checkpointer)
         window = self.window
-        sums = {k: v for k, v in metrics.items() if k != "param_norm"}
+        sums = {k: v for k, v in metrics.items() if k not in LOG_STEP_ONLY}
         window["sums"] = sums if window["sums"] is None else {
             k: window["sums"][k] + sums[k] for k in sums}
         window["steps"] += 1

@@ -39,9 +39,9 @@ def all_finite(tree: Any) -> jax.Array:
     """() bool: every float leaf of `tree` is free of NaN and inf.
 
     Not part of the step: over a whole train state (parameters and two Adam moments) it
-    cost ~8% of a translation step on CPU. The step's norms stop a run at the first
-    non-finite parameter, gradient or update; the trainer runs this check on the state
-    before each checkpoint (`train.save_checked`).
+    cost ~8% of a translation step on CPU. The step's gradient and update norms stop a
+    run at the first non-finite gradient or update; the trainer runs this check on the
+    state before each checkpoint (`train.save_checked`).
     """
     checks = [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
               if jnp.issubdtype(x.dtype, jnp.inexact)]

@@ -241,8 +241,8 @@ _state_finite = jax.jit(all_finite)
 def save_checked(s: "Setup", step: int, state: dict[str, Any], force: bool = False) -> None:
     """Checkpoints `state` at `step` once every float in it is finite.
 
-    The step's norms (`monitor.FINITE_CHECKED`) stop a run at its first non-finite
-    parameter, gradient or update; an optimizer-state entry that never reaches the update
+    The step's loss, gradient and update norms (`monitor.FINITE_CHECKED`) stop a run at
+    its first non-finite value; an optimizer-state entry that never reaches the update
     is caught here, so no checkpoint holds a NaN or inf.
     """
     if not bool(_state_finite(state)):

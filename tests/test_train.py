@@ -38,7 +38,8 @@ def test_loss_falls_on_a_tiny_corpus(corpus_files, data_cache, tmp_path):
     last = _metrics(str(tmp_path))[-1]
     for name in ("tokens_per_s", "step_time_s", "mfu", "peak_memory_mb", "grad_norm", "update_norm"):
         assert name in last
-    # param_norm is read off the state at log steps: the final one is the saved params' norm.
+    # param_norm is read off the state at each log step: the final one is the saved params' norm.
+    assert all("param_norm" in r for r in _metrics(str(tmp_path)))
     saved = np.sqrt(sum(float(np.sum(np.square(p))) for p in _params(str(tmp_path))))
     assert last["step"] == 300 and last["param_norm"] == pytest.approx(saved, rel=1e-5)
     assert os.path.isfile(tmp_path / "plots" / "loss.png")
@@ -343,6 +344,35 @@ def test_all_finite_sees_one_bad_element_in_any_float_leaf():
     for bad in (jnp.nan, jnp.inf, -jnp.inf):
         assert not bool(train.all_finite({**tree, "a": tree["a"].at[2, 1].set(bad)}))
         assert not bool(train.all_finite({**tree, "b": [tree["b"][0].at[1].set(bad), tree["b"][1]]}))
+
+
+def test_param_norm_is_read_off_the_params_at_log_steps_only(tmp_path):
+    """The step leaves param_norm out; StepLogger.push adds it from the params it is given at
+    log steps (the window's last step), and a non-finite one stops the run there."""
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from encoder_jax import configs, errors
+    from encoder_jax.monitor import StepLogger
+
+    rows = []
+    writer = SimpleNamespace(write=lambda step, split, scalars: rows.append((step, scalars)))
+    logger = StepLogger(SimpleNamespace(summarize=dict), configs.TrainConfig(
+        num_steps=10, log_every=2, peak_flops_per_device=1.0), writer=writer,
+        progress=SimpleNamespace(update=lambda *a: None), flops_per_step=None,
+        checkpointer=checkpoint.Checkpointer(str(tmp_path), use_async=False))
+    metrics = {"loss": np.float32(2.0), "grad_norm": np.float32(1.0),
+               "update_norm": np.float32(0.1), "learning_rate": np.float32(0.1)}
+    logger.push(1, metrics, tokens=8, params={"w": jnp.full(4, 2.0)})
+    assert "param_norm" not in logger.pending[1]  # not a log step: nothing computed
+    logger.push(2, metrics, tokens=8, params={"w": jnp.full(4, 3.0)})
+    logger.flush()
+    assert [step for step, _ in rows] == [2]
+    assert rows[0][1]["param_norm"] == pytest.approx(6.0)  # step 2's params, not step 1's
+    logger.push(4, metrics, tokens=8, params={"w": jnp.ones(4).at[0].set(jnp.nan)})
+    with pytest.raises(errors.NonFiniteError, match="non-finite param_norm at step 4"):
+        logger.flush()
 
 
 def test_non_finite_parameters_with_a_finite_loss_stop_before_any_checkpoint(tmp_path):
