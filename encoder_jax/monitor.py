@@ -135,8 +135,8 @@ class StepLogger:
 
     def _absorb(self, done_step: int, metrics: Any, tokens: int) -> None:
         metrics = jax.device_get(metrics)
-        bad = [name for name in FINITE_CHECKED
-               if (name in metrics or name not in LOG_STEP_ONLY) and not np.isfinite(metrics[name])]
+        checked = [name for name in FINITE_CHECKED if name in metrics or name not in LOG_STEP_ONLY]
+        bad = [name for name in checked if not np.isfinite(metrics[name])]
         if bad:  # checked before this step's checkpoint is written, so none holds non-finite values
             raise non_finite_error(", ".join(bad), done_step, self.checkpointer)
         window = self.window
